@@ -1,0 +1,1 @@
+"""Policies: one module per resilience or traffic policy, each a stage of the pipeline."""
