@@ -1,4 +1,4 @@
-"""Load a config file: YAML, then `${...}` interpolation, then validation, with errors that name the key.
+"""Load a config file: YAML, `${...}` interpolation, validation, errors that name the key.
 
 Every failure raises :class:`ConfigError` whose message reads like
 ``upstreams.openai.url: not a valid URL: 'htp:/x'``, so an operator can fix a ConfigMap from
@@ -71,7 +71,9 @@ def load_text(
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"the config must be a mapping at the top level, not {type(raw).__name__}")
+        raise ConfigError(
+            f"the config must be a mapping at the top level, not {type(raw).__name__}"
+        )
     interpolated = _interpolate(raw, (), os.environ if env is None else env)
     try:
         config = Config.model_validate(interpolated)

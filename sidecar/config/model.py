@@ -16,9 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 FailureKind = Literal["5xx", "429", "timeout", "connect_error"]
-RetryOn = Literal[
-    "5xx", "429", "500", "502", "503", "504", "timeout", "connect_error", "reset"
-]
+RetryOn = Literal["5xx", "429", "500", "502", "503", "504", "timeout", "connect_error", "reset"]
 ApiShape = Literal["auto", "openai", "anthropic"]
 
 
@@ -54,7 +52,7 @@ class Pool(Model):
     """Upstream connection pool sizing."""
 
     max_connections: int = Field(100, ge=1, description="Connections open at most (busy + idle).")
-    max_idle: int = Field(32, ge=0, description="Idle keep-alive connections kept at most.")
+    max_idle: int = Field(100, ge=0, description="Idle keep-alive connections kept at most.")
     keepalive_s: PositiveSeconds = Field(
         30, description="An idle connection is closed after this many seconds."
     )

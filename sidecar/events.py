@@ -1,0 +1,71 @@
+"""Typed events that policies and the listener emit, and the bus that metrics and logs subscribe to.
+
+Policies never import prometheus or the logger: they emit an event, and subscribers (the
+metrics module, the access log, the audit log) turn it into what they need. Subscribers are
+called synchronously and must be cheap; one that raises is logged, never propagated.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sidecar.exchange import Exchange
+
+log = logging.getLogger("sidecar.events")
+E = TypeVar("E")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStarted:
+    exchange: Exchange
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFinished:
+    exchange: Exchange
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigReloaded:
+    ok: bool
+    text_hash: str | None
+    error: str | None
+    changes: dict[str, list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    route: str
+    upstream: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FellBack:
+    route: str
+    from_upstream: str
+    to_upstream: str
+
+
+class EventBus:
+    """Synchronous publish/subscribe by event type."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type[Any], list[Callable[[Any], None]]] = defaultdict(list)
+
+    def subscribe(self, event_type: type[E], handler: Callable[[E], None]) -> None:
+        self._handlers[event_type].append(handler)
+
+    def emit(self, event: object) -> None:
+        handlers = self._handlers.get(type(event))
+        if not handlers:
+            return
+        for handler in handlers:
+            try:
+                handler(event)
+            except Exception:
+                log.exception("event subscriber failed on %s", type(event).__name__)

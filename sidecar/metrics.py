@@ -1,0 +1,195 @@
+"""Prometheus metrics, fed by events: policies never import this module.
+
+Each sidecar owns its own :class:`~prometheus_client.CollectorRegistry` (tests use their own,
+nothing is global). Label children are bound once per label set and cached, so recording a
+request costs a few dictionary lookups. Label values come from config (routes, upstreams) or are
+capped (models, tenants), so cardinality is bounded by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+from sidecar.events import ConfigReloaded, EventBus, RequestFinished
+from sidecar.runtime import Snapshot
+
+# LLM calls span milliseconds (errors, cache hits) to many minutes (long generations).
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+)
+OVERHEAD_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1,
+)
+
+
+class _LiveState(Collector):
+    """Gauges read at scrape time from the current snapshot (in-flight, pool usage)."""
+
+    def __init__(self, current: Callable[[], Snapshot]) -> None:
+        self._current = current
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self._current()
+        inflight = GaugeMetricFamily(
+            "llm_sidecar_inflight_requests", "Requests in flight per upstream.", labels=["upstream"]
+        )
+        pool = GaugeMetricFamily(
+            "llm_sidecar_upstream_connections",
+            "Upstream pool connections by state (active, idle).",
+            labels=["upstream", "state"],
+        )
+        for name, upstream in snapshot.upstreams.items():
+            inflight.add_metric([name], upstream.inflight)
+            pool.add_metric([name, "active"], upstream.pool.active)
+            pool.add_metric([name, "idle"], upstream.pool.idle)
+        yield inflight
+        yield pool
+
+
+class Metrics:
+    """The sidecar's metric set, subscribed to the event bus."""
+
+    def __init__(
+        self,
+        events: EventBus,
+        current: Callable[[], Snapshot],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llm_sidecar_requests",
+            "Requests answered, by route, upstream and status code.",
+            ["route", "upstream", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llm_sidecar_request_duration_seconds",
+            "Time from request received to response fully sent.",
+            ["route", "upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "llm_sidecar_upstream_ttfb_seconds",
+            "Time from request received to the upstream's response head.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "llm_sidecar_overhead_seconds",
+            "Sidecar overhead: total duration minus time spent waiting on the upstream.",
+            ["route"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.proxy_errors = Counter(
+            "llm_sidecar_proxy_errors",
+            "Replies made or streams cut by the sidecar, by x-llm-sidecar-error kind.",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.client_gone = Counter(
+            "llm_sidecar_client_disconnects",
+            "Requests whose client went away before the response was complete.",
+            ["route"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "llm_sidecar_config_reloads",
+            "Config reload attempts by result (success, error).",
+            ["result"],
+            registry=r,
+        )
+        self.last_reload = Gauge(
+            "llm_sidecar_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load.",
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "llm_sidecar_config_info", "1 for the active config's hash.", ["hash"], registry=r
+        )
+        Info("llm_sidecar_build", "Build information.", registry=r).info({"version": __version__})
+        r.register(_LiveState(current))
+        self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._config_hash: str | None = None
+        events.subscribe(RequestFinished, self._on_request)
+        events.subscribe(ConfigReloaded, self._on_reload)
+
+    def _bound(self, route: str, upstream: str, code: int) -> tuple[Any, ...]:
+        key = (route, upstream, code)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, upstream, str(code)),
+                self.duration.labels(route, upstream),
+                self.ttfb.labels(upstream),
+                self.overhead.labels(route),
+            )
+            self._children[key] = children
+        return children
+
+    def _on_request(self, event: RequestFinished) -> None:
+        ex = event.exchange
+        route = ex.route_label
+        code = 499 if ex.client_gone and ex.status == 0 else ex.status
+        requests, duration, ttfb, overhead = self._bound(route, ex.upstream_label, code)
+        requests.inc()
+        finished = ex.finished or ex.started
+        total = finished - ex.started
+        duration.observe(total)
+        if ex.ttfb is not None:
+            ttfb.observe(ex.ttfb)
+        if ex.upstream_started is not None:
+            upstream_end = ex.upstream_ended or finished
+            overhead.observe(max(0.0, total - (upstream_end - ex.upstream_started)))
+        if ex.error is not None:
+            self.proxy_errors.labels(route, ex.error).inc()
+        if ex.client_gone:
+            self.client_gone.labels(route).inc()
+
+    def _on_reload(self, event: ConfigReloaded) -> None:
+        import time
+
+        self.reloads.labels("success" if event.ok else "error").inc()
+        if event.ok and event.text_hash:
+            self.last_reload.set(time.time())
+            if self._config_hash is not None and self._config_hash != event.text_hash:
+                self.config_info.remove(self._config_hash)
+            self.config_info.labels(event.text_hash).set(1)
+            self._config_hash = event.text_hash

@@ -1,0 +1,1 @@
+"""Upstream side: HTTP/1.1 client connections, their pool, and DNS."""
