@@ -81,6 +81,7 @@ class ClientConnection:
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._head_bytes = 0
+        self._head_size = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._in_head = True
@@ -94,6 +95,13 @@ class ClientConnection:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size + len(self._url) > self.limits.max_header_bytes:
+            self._refused = Refusal(
+                "headers_too_large",
+                f"request head exceeds {self.limits.max_header_bytes} bytes",
+            )
+            raise ValueError("head too large")
         if len(self._headers) > self.limits.max_headers:
             self._refused = Refusal(
                 "headers_too_large", f"more than {self.limits.max_headers} header fields"
