@@ -38,6 +38,23 @@ class ConfigReloaded:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerTransitioned:
+    """A circuit breaker changed state (states: closed, half_open, open)."""
+
+    upstream: str
+    from_state: str
+    to_state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerRejected:
+    """A request was refused by an open (or saturated half-open) breaker, no connection made."""
+
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
 class Retried:
     route: str
     upstream: str
