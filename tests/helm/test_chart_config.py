@@ -87,6 +87,8 @@ CASES: dict[str, dict[str, Any]] = {
             }
         }
     },
+    # docs/KUBERNETES.md, "Change a limit and watch it apply".
+    "limit": {"config": {"upstreams": {"openai": {"limits": {"requests": {"per_min": 2}}}}}},
     "proxy-intercept": {
         "app": {"mode": "proxy"},
         "intercept": {"enabled": True, "secretName": "llm-ca"},

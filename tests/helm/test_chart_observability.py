@@ -79,7 +79,7 @@ def test_alerts_cover_breaker_errors_and_reloads(rule_groups: list[dict[str, Any
     breaker = by_metric["llm_sidecar_circuit_state"]
     assert "== 2" in breaker["expr"] and breaker["for"] == "5m"
     assert 'code=~"5.."' in by_metric["llm_sidecar_requests_total"]["expr"]
-    assert "llm_sidecar_config_reloads_total" in by_metric
+    assert 'result="error"' in by_metric["llm_sidecar_config_reloads_total"]["expr"]
 
 
 def test_dashboards_parse_and_use_known_metrics(
