@@ -1,7 +1,10 @@
 """One JSON line per request on stdout, written without blocking on every request.
 
 Lines are collected and flushed together a moment later (or when many are waiting), so a busy
-sidecar makes one write per batch instead of one per request.
+sidecar makes one write per batch instead of one per request. A line never holds a header, a
+query string or a body: the secrets a request carries (Authorization, API keys, cookies, a
+``?key=`` parameter) cannot reach the log. The fields are documented in docs/OBSERVABILITY.md;
+:func:`request_fields` is shared with the audit log so both describe a request the same way.
 """
 
 from __future__ import annotations
@@ -9,14 +12,72 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
 from sidecar.events import EventBus, RequestFinished
+from sidecar.exchange import Exchange
 
 FLUSH_AFTER_S = 0.1
 FLUSH_LINES = 256
+
+
+def token_counts(tokens: object) -> dict[str, int] | None:
+    """``{"prompt", "completion", "total"}`` from the exchange's tokens (a pair or a Usage)."""
+    if tokens is None:
+        return None
+    if isinstance(tokens, tuple | list) and len(tokens) == 2:
+        prompt, completion = tokens
+    else:
+        prompt = getattr(tokens, "prompt_tokens", None)
+        completion = getattr(tokens, "completion_tokens", None)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return {"prompt": prompt, "completion": completion, "total": prompt + completion}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def request_fields(ex: Exchange) -> dict[str, Any]:
+    """What happened to one request: who, where, outcome, usage, sizes and durations.
+
+    Durations are milliseconds: ``duration_ms`` received to fully sent; ``ttfb_ms`` to the
+    upstream's response head; ``ttft_ms`` to a stream's first body chunk; ``upstream_ms`` the
+    last attempt's upstream time (head sent to body read); ``overhead_ms`` the rest.
+    """
+    finished = ex.finished or ex.started
+    total = finished - ex.started
+    upstream_s = None
+    if ex.upstream_started is not None:
+        upstream_s = (ex.upstream_ended or finished) - ex.upstream_started
+    return {
+        "request_id": ex.request_id,
+        "client": ex.client,
+        "method": ex.request.method,
+        "path": ex.request.path,  # without the query string, which may carry a key
+        "route": ex.route_label,
+        "upstream": ex.upstream_label,
+        "model": ex.model,
+        "tenant": ex.tenant,
+        "status": 499 if ex.client_gone and ex.status == 0 else ex.status,
+        "error": ex.error,
+        "attempts": ex.attempts,
+        "breaker": ex.breaker,
+        "cache": ex.cache,
+        "tokens": token_counts(ex.tokens),
+        "cost_usd": ex.cost_usd,
+        "bytes_in": len(ex.request.body),
+        "bytes_out": ex.bytes_out,
+        "duration_ms": _ms(total),
+        "ttfb_ms": _ms(ex.ttfb),
+        "ttft_ms": _ms(ex.ttft),
+        "upstream_ms": _ms(upstream_s),
+        "overhead_ms": _ms(None if upstream_s is None else max(0.0, total - upstream_s)),
+        "client_gone": ex.client_gone,
+    }
 
 
 class AccessLog:
@@ -30,30 +91,7 @@ class AccessLog:
     def _on_request(self, event: RequestFinished) -> None:
         if not self.enabled:
             return
-        ex = event.exchange
-        finished = ex.finished or ex.started
-        record = {
-            "ts": round(time.time(), 3),
-            "request_id": ex.request_id,
-            "method": ex.request.method,
-            "path": ex.request.path,
-            "route": ex.route_label,
-            "upstream": ex.upstream_label,
-            "model": ex.model,
-            "tenant": ex.tenant,
-            "status": 499 if ex.client_gone and ex.status == 0 else ex.status,
-            "error": ex.error,
-            "attempts": ex.attempts,
-            "breaker": ex.breaker,
-            "cache": ex.cache,
-            "tokens": ex.tokens,
-            "cost_usd": ex.cost_usd,
-            "bytes_in": len(ex.request.body),
-            "bytes_out": ex.bytes_out,
-            "duration_ms": round((finished - ex.started) * 1000, 3),
-            "ttfb_ms": round(ex.ttfb * 1000, 3) if ex.ttfb is not None else None,
-            "client_gone": ex.client_gone,
-        }
+        record = {"ts": round(time.time(), 3), **request_fields(event.exchange)}
         self._lines.append(orjson.dumps(record))
         if len(self._lines) >= FLUSH_LINES:
             self.flush()

@@ -49,7 +49,7 @@ class Sidecar:
         self.config_path = config_path
         self.events = EventBus()
         self.resolver = Resolver()
-        self.snapshot: Snapshot = build_snapshot(loaded, None, self.resolver)
+        self.snapshot: Snapshot = build_snapshot(loaded, None, self.resolver, events=self.events)
         self.metrics = Metrics(self.events, self._current, registry)
         self.access_log = AccessLog(self.events)
         self.access_log.enabled = (
@@ -163,7 +163,7 @@ class Sidecar:
     def apply(self, loaded: LoadedConfig) -> dict[str, Any]:
         """Swap in a new snapshot built from ``loaded``; retire what it no longer uses."""
         old = self.snapshot
-        new = build_snapshot(loaded, old, self.resolver)
+        new = build_snapshot(loaded, old, self.resolver, events=self.events)
         changes = _diff(old, new)
         restart = [
             f"listen.{key}"

@@ -68,6 +68,16 @@ class FellBack:
     to_upstream: str
 
 
+@dataclass(frozen=True, slots=True)
+class AuditWritten:
+    """The audit log wrote ``records`` records in one batch; ``lost`` more were dropped
+    (``error`` is the failed write's errno name, or ``backlog`` when the queue overflowed)."""
+
+    records: int
+    lost: int = 0
+    error: str | None = None
+
+
 class EventBus:
     """Synchronous publish/subscribe by event type."""
 

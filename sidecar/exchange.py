@@ -29,12 +29,14 @@ class Exchange:
         "route",
         "upstream",
         "upstream_path",
+        "upstream_body",
         "model",
         "tenant",
         "attempts",
         "status",
         "error",
         "ttfb",
+        "ttft",
         "upstream_started",
         "upstream_ended",
         "bytes_out",
@@ -57,12 +59,14 @@ class Exchange:
         self.route: RouteRuntime | None = None
         self.upstream: UpstreamRuntime | None = None
         self.upstream_path = request.target
+        self.upstream_body: bytes | None = None  # a rewritten body (model rewrite), if any
         self.model: str | None = None
         self.tenant: str | None = None
         self.attempts = 0
         self.status = 0
         self.error: str | None = None  # x-llm-sidecar-error kind, or a mid-stream failure kind
         self.ttfb: float | None = None  # seconds from start to upstream response head
+        self.ttft: float | None = None  # seconds from start to a stream's first body chunk
         self.upstream_started: float | None = None
         self.upstream_ended: float | None = None
         self.bytes_out = 0

@@ -8,6 +8,7 @@ capped (models, tenants), so cardinality is bounded by construction.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +17,17 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar import __version__
-from sidecar.events import ConfigReloaded, EventBus, RequestFinished
+from sidecar.events import (
+    AuditWritten,
+    BreakerRejected,
+    BreakerTransitioned,
+    ConfigReloaded,
+    EventBus,
+    FellBack,
+    RequestFinished,
+    Retried,
+)
+from sidecar.genai import GenAiMetrics
 from sidecar.runtime import Snapshot
 
 # LLM calls span milliseconds (errors, cache hits) to many minutes (long generations).
@@ -40,6 +51,7 @@ LATENCY_BUCKETS = (
     600,
     1200,
 )
+EXEMPLAR_ID_CHARS = 64  # OpenMetrics caps an exemplar's label set at 128 characters
 OVERHEAD_BUCKETS = (
     0.0001,
     0.00025,
@@ -72,12 +84,19 @@ class _LiveState(Collector):
             "Upstream pool connections by state (active, idle).",
             labels=["upstream", "state"],
         )
+        circuit = GaugeMetricFamily(
+            "llm_sidecar_circuit_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open.",
+            labels=["upstream"],
+        )
         for name, upstream in snapshot.upstreams.items():
+            circuit.add_metric([name], int(upstream.breaker.state))
             inflight.add_metric([name], upstream.inflight)
             pool.add_metric([name, "active"], upstream.pool.active)
             pool.add_metric([name, "idle"], upstream.pool.idle)
         yield inflight
         yield pool
+        yield circuit
 
 
 class Metrics:
@@ -118,6 +137,29 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.ttft = Histogram(
+            "llm_sidecar_time_to_first_token_seconds",
+            "Successful streams: time from request received to the first body chunk.",
+            ["route", "upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.audit_records = Counter(
+            "llm_sidecar_audit_records",
+            "Audit records written to the audit file.",
+            registry=r,
+        )
+        self.audit_write_errors = Counter(
+            "llm_sidecar_audit_write_errors",
+            "Failed audit writes (disk full, I/O error); their records are lost, serving goes on.",
+            registry=r,
+        )
+        self.audit_dropped = Counter(
+            "llm_sidecar_audit_dropped_records",
+            "Audit records lost: a failed write, or a backlog past the queue bound.",
+            registry=r,
+        )
+        self.genai = GenAiMetrics(r)
         self.proxy_errors = Counter(
             "llm_sidecar_proxy_errors",
             "Replies made or streams cut by the sidecar, by x-llm-sidecar-error kind.",
@@ -144,12 +186,53 @@ class Metrics:
         self.config_info = Gauge(
             "llm_sidecar_config_info", "1 for the active config's hash.", ["hash"], registry=r
         )
-        Info("llm_sidecar_build", "Build information.", registry=r).info({"version": __version__})
+        self.circuit_transitions = Counter(
+            "llm_sidecar_circuit_transitions",
+            "Circuit breaker state changes.",
+            ["upstream", "from_state", "to_state"],
+            registry=r,
+        )
+        self.circuit_rejections = Counter(
+            "llm_sidecar_circuit_rejections",
+            "Requests refused by an open breaker without contacting the upstream.",
+            ["upstream"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "llm_sidecar_retries",
+            "Retries by route, upstream and reason (status code or error kind).",
+            ["route", "upstream", "reason"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "llm_sidecar_fallbacks",
+            "Requests moved from one upstream to the next of their route.",
+            ["route", "from_upstream", "to_upstream"],
+            registry=r,
+        )
+        Info("llm_sidecar_build", "Build information.", registry=r).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
         r.register(_LiveState(current))
         self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._config_hash: str | None = None
         events.subscribe(RequestFinished, self._on_request)
         events.subscribe(ConfigReloaded, self._on_reload)
+        events.subscribe(AuditWritten, self._on_audit)
+        events.subscribe(
+            BreakerTransitioned,
+            lambda e: self.circuit_transitions.labels(e.upstream, e.from_state, e.to_state).inc(),
+        )
+        events.subscribe(
+            BreakerRejected, lambda e: self.circuit_rejections.labels(e.upstream).inc()
+        )
+        events.subscribe(
+            Retried, lambda e: self.retries.labels(e.route, e.upstream, e.reason).inc()
+        )
+        events.subscribe(
+            FellBack,
+            lambda e: self.fallbacks.labels(e.route, e.from_upstream, e.to_upstream).inc(),
+        )
 
     def _bound(self, route: str, upstream: str, code: int) -> tuple[Any, ...]:
         key = (route, upstream, code)
@@ -160,6 +243,7 @@ class Metrics:
                 self.duration.labels(route, upstream),
                 self.ttfb.labels(upstream),
                 self.overhead.labels(route),
+                self.ttft.labels(route, upstream),
             )
             self._children[key] = children
         return children
@@ -168,13 +252,17 @@ class Metrics:
         ex = event.exchange
         route = ex.route_label
         code = 499 if ex.client_gone and ex.status == 0 else ex.status
-        requests, duration, ttfb, overhead = self._bound(route, ex.upstream_label, code)
-        requests.inc()
+        requests, duration, ttfb, overhead, ttft = self._bound(route, ex.upstream_label, code)
+        exemplar = {"request_id": ex.request_id[:EXEMPLAR_ID_CHARS]}
+        requests.inc(1, exemplar)
         finished = ex.finished or ex.started
         total = finished - ex.started
-        duration.observe(total)
+        duration.observe(total, exemplar)
         if ex.ttfb is not None:
             ttfb.observe(ex.ttfb)
+        if ex.ttft is not None and 200 <= code < 300 and ex.error is None:
+            ttft.observe(ex.ttft, exemplar)
+        self.genai.record(ex, code, total)
         if ex.upstream_started is not None:
             upstream_end = ex.upstream_ended or finished
             overhead.observe(max(0.0, total - (upstream_end - ex.upstream_started)))
@@ -182,6 +270,14 @@ class Metrics:
             self.proxy_errors.labels(route, ex.error).inc()
         if ex.client_gone:
             self.client_gone.labels(route).inc()
+
+    def _on_audit(self, event: AuditWritten) -> None:
+        if event.records:
+            self.audit_records.inc(event.records)
+        if event.lost:
+            self.audit_dropped.inc(event.lost)
+        if event.error is not None and event.error != "backlog":
+            self.audit_write_errors.inc()
 
     def _on_reload(self, event: ConfigReloaded) -> None:
         import time

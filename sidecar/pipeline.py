@@ -53,12 +53,16 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
 
 def route_stages(route: RouteRuntime) -> list[Stage]:
     """Route tier, outermost first."""
-    return []
+    from sidecar.policies.observe import ObserveStage
+
+    return [ObserveStage(route)]
 
 
 def upstream_stages(upstream: UpstreamRuntime) -> list[Stage]:
     """Upstream tier, outermost first."""
-    return []
+    from sidecar.policies.breaker import BreakerStage
+
+    return [BreakerStage(upstream)]
 
 
 def build_route_handler(route: RouteRuntime) -> Handler:

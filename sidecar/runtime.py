@@ -16,8 +16,10 @@ from typing import Literal
 
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.model import Route, Upstream
+from sidecar.events import BreakerTransitioned, EventBus
 from sidecar.http.message import Request
 from sidecar.pipeline import Handler, build_route_handler, build_upstream_handler
+from sidecar.policies.breaker import CircuitBreaker, Transition
 from sidecar.upstream.pool import AddressCheck, ConnectionPool, make_origin
 from sidecar.upstream.resolver import Resolver
 
@@ -33,10 +35,23 @@ def _api_style(declared: str, url: str) -> ApiStyle:
 class UpstreamRuntime:
     """One upstream's live state: pool, breaker, limiter, and its upstream-tier handler."""
 
-    def __init__(self, name: str, config: Upstream, pool: ConnectionPool) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: Upstream,
+        pool: ConnectionPool,
+        events: EventBus,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self.pool = pool
+        self.events = events
+        if breaker is None:
+            breaker = CircuitBreaker(name, config.breaker, on_transition=self._on_transition)
+        else:
+            breaker.reconfigure(config.breaker)  # carried over: keep its state
+        self.breaker = breaker
         self.origin = pool.origin
         self.api: ApiStyle = _api_style(config.api, config.url)
         self.overrides = tuple(config.headers.items())
@@ -48,12 +63,20 @@ class UpstreamRuntime:
     def __repr__(self) -> str:
         return f"<UpstreamRuntime {self.name} {self.pool!r}>"
 
+    def _on_transition(self, t: Transition) -> None:
+        self.events.emit(
+            BreakerTransitioned(
+                t.upstream, t.from_state.name.lower(), t.to_state.name.lower(), t.reason
+            )
+        )
+
     def snapshot(self) -> dict[str, object]:
         return {
             "name": self.name,
             "url": self.config.url,
             "inflight": self.inflight,
             "pool": self.pool.snapshot(),
+            "breaker": self.breaker.snapshot(),
             "retired": self.retired,
         }
 
@@ -151,10 +174,14 @@ def build_snapshot(
     previous: Snapshot | None,
     resolver: Resolver,
     address_check: AddressCheck | None = None,
+    *,
+    events: EventBus | None = None,
     on_upstream: Callable[[UpstreamRuntime, UpstreamRuntime | None], None] | None = None,
 ) -> Snapshot:
     """Build a snapshot, carrying over unchanged upstreams (and pools of same-transport ones)."""
     config = loaded.config
+    if events is None:
+        events = EventBus()
     old = previous.upstreams if previous is not None else {}
     upstreams: dict[str, UpstreamRuntime] = {}
     for name, upstream_config in config.upstreams.items():
@@ -170,7 +197,8 @@ def build_snapshot(
             pool = ConnectionPool(
                 origin, upstream_config.pool, upstream_config.timeouts, resolver, address_check
             )
-        runtime = UpstreamRuntime(name, upstream_config, pool)
+        breaker = before.breaker if before is not None else None
+        runtime = UpstreamRuntime(name, upstream_config, pool, events, breaker)
         if on_upstream is not None:
             on_upstream(runtime, before)
         upstreams[name] = runtime

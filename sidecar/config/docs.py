@@ -1,6 +1,7 @@
 """Generate the key reference of docs/CONFIG.md from the config models' field docs.
 
-``python -m sidecar.config.docs`` prints it; a test keeps docs/CONFIG.md in step.
+``python -m sidecar.config.docs`` prints it, ``--write docs/CONFIG.md`` updates the file in
+place; a test keeps docs/CONFIG.md in step.
 """
 
 from __future__ import annotations
@@ -77,5 +78,20 @@ def reference() -> str:
     return "\n".join(rows)
 
 
+def write(path: str) -> None:
+    """Replace the generated block of ``path`` (docs/CONFIG.md) with the current reference."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    before, _, rest = text.partition(BEGIN)
+    _, _, after = rest.partition(END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{before}{BEGIN}\n{reference()}\n{END}{after}")
+
+
 if __name__ == "__main__":
-    print(reference())
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write(sys.argv[2])
+    else:
+        print(reference())

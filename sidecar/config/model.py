@@ -9,6 +9,7 @@ ConfigMap is an error that names the key instead of a silently ignored setting.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -243,8 +244,9 @@ class Route(Model):
     models: dict[str, tuple[TargetSpec, ...]] = Field(
         default_factory=dict, description="Model-name glob -> its own ordered targets."
     )
-    model_aliases: dict[str, str] = Field(
-        default_factory=dict, description="Model name the app uses -> name sent upstream."
+    model_aliases: dict[str, str | dict[str, str]] = Field(
+        default_factory=dict,
+        description="Model name the app uses -> name sent upstream, or per upstream name.",
     )
     api: ApiShape = Field("auto", description="Error shape for sidecar-made replies.")
     retry: Retry = Field(default_factory=Retry)  # type: ignore[arg-type]
@@ -326,12 +328,34 @@ class Accounting(Model):
 class Egress(Model):
     """What the proxy may connect to in HTTP_PROXY/HTTPS_PROXY mode (see docs/EGRESS.md)."""
 
-    allow: tuple[str, ...] = Field((), description="Allowed hosts (exact or *.suffix).")
+    allow: tuple[str, ...] = Field(
+        (),
+        description="Allowed hosts: exact or *.suffix, optionally :PORT or :* (default ports "
+        "80 and 443). Route and intercept hosts are allowed implicitly.",
+    )
     deny_private: bool = Field(
         True, description="Refuse private, loopback, link-local and unique-local addresses."
     )
+    allow_addresses: tuple[str, ...] = Field(
+        (),
+        description="Addresses or CIDRs (e.g. 10.0.0.0/8) allowed even when deny_private "
+        "refuses their range.",
+    )
+    connect_timeout_s: PositiveSeconds = Field(
+        10, description="DNS plus TCP connect of a CONNECT tunnel."
+    )
     max_tunnels_per_host: int = Field(256, ge=1, description="Open CONNECT tunnels per host.")
     tunnel_idle_s: PositiveSeconds = Field(300, description="Close a silent tunnel after this.")
+
+    @field_validator("allow_addresses")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or CIDR: {item!r}") from None
+        return value
 
 
 class Intercept(Model):

@@ -12,6 +12,8 @@ Native rather than on pybreaker: see docs/ARCHITECTURE.md. One event loop; not t
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import enum
 import logging
 import math
@@ -19,8 +21,17 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sidecar.config.model import Breaker
+from sidecar.events import BreakerRejected
+from sidecar.exchange import Exchange
+from sidecar.http.message import Headers, Response
+from sidecar.upstream.errors import UpstreamError
+
+if TYPE_CHECKING:
+    from sidecar.pipeline import Handler
+    from sidecar.runtime import UpstreamRuntime
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +266,88 @@ class CircuitBreaker:
                 self._on_transition(transition)
             except Exception:
                 log.exception("on_transition callback failed for upstream %s", self.upstream)
+
+
+# The pipeline stage ------------------------------------------------------------------------------
+
+_MID_STREAM_FAILURES = frozenset({"upstream_reset", "upstream_timeout", "upstream_protocol"})
+
+
+class CircuitOpen(Exception):
+    """Raised by the breaker stage instead of calling the upstream: fail fast, no connection."""
+
+    def __init__(self, upstream: str, retry_after_s: float) -> None:
+        super().__init__(f"circuit breaker for upstream {upstream!r} is open")
+        self.upstream = upstream
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(headers: Headers) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class BreakerStage:
+    """Upstream-tier stage: ask the breaker, fail fast when open, report every outcome.
+
+    Failures visible in the response head (5xx, 429, transport errors) are recorded at once.
+    A success is recorded when the body has been relayed to its end, so a stream that the
+    upstream cuts midway counts as a failure, and a client that leaves counts as neither.
+    """
+
+    def __init__(self, upstream: UpstreamRuntime) -> None:
+        self.upstream = upstream
+        self.breaker = upstream.breaker
+
+    async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
+        breaker = self.breaker
+        permit = breaker.acquire()
+        if permit is None:
+            exchange.breaker = "rejected"
+            self.upstream.events.emit(BreakerRejected(self.upstream.name))
+            raise CircuitOpen(self.upstream.name, breaker.retry_after_s())
+        exchange.breaker = breaker.state.name.lower()
+        try:
+            response = await call_next(exchange)
+        except UpstreamError as exc:
+            permit.record(breaker.classify(None, exc.kind))
+            raise
+        except asyncio.CancelledError:
+            permit.record(Outcome.CANCELLED)
+            raise
+        except BaseException:
+            permit.release()
+            raise
+        outcome = breaker.classify(response.status, None)
+        if outcome is Outcome.FAILURE:
+            permit.record(outcome, parse_retry_after(response.headers))
+            return response
+        status = response.status
+
+        def verdict(ex: Exchange) -> None:
+            if ex.client_gone:
+                permit.record(Outcome.CANCELLED)
+            elif ex.error in _MID_STREAM_FAILURES and ex.upstream is self.upstream:
+                permit.record(Outcome.FAILURE)
+            else:
+                permit.record(breaker.classify(status, None))
+
+        exchange.on_finish(verdict)
+        return response

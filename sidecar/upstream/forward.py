@@ -36,7 +36,8 @@ class Forwarder:
         upstream = self.upstream
         pool = upstream.pool
         request = exchange.request
-        head = self._head(exchange)
+        payload = request.body if exchange.upstream_body is None else exchange.upstream_body
+        head = self._head(exchange, len(payload))
         loop = asyncio.get_running_loop()
         timeouts = upstream.config.timeouts
         now = loop.time()
@@ -50,7 +51,7 @@ class Forwarder:
         for _ in range(3):  # stale keep-alive connections are retried on a fresh one
             conn, reused = await pool.acquire()
             try:
-                await conn.send(head, request.body, head_only=head_only)
+                await conn.send(head, payload, head_only=head_only)
                 status, reason, raw_headers = await conn.read_head(first_byte_deadline)
             except UpstreamError as exc:
                 pool.release(conn, False)
@@ -78,7 +79,7 @@ class Forwarder:
 
         return release
 
-    def _head(self, exchange: Exchange) -> bytes:
+    def _head(self, exchange: Exchange, body_length: int) -> bytes:
         request = exchange.request
         skip = self._skip
         connection = request.headers.get("connection")
@@ -92,7 +93,7 @@ class Forwarder:
             if name not in skip:
                 parts.append(f"{name}: {value}\r\n")
         parts.append(self._overrides)
-        if request.body or request.method in _BODY_METHODS:
-            parts.append(f"content-length: {len(request.body)}\r\n")
+        if body_length or request.method in _BODY_METHODS:
+            parts.append(f"content-length: {body_length}\r\n")
         parts.append("\r\n")
         return "".join(parts).encode("latin-1")

@@ -1,0 +1,91 @@
+"""Route-tier observation stage: what only the response body shows.
+
+Outermost in the route tier (so it sees the final response, after retries and fallbacks). It
+never changes a byte. For a streamed (``text/event-stream``) 2xx response it records the time
+to first token (``exchange.ttft``: request received to the first body chunk, the moment a token
+can reach the client); when the audit log asks for bodies it keeps the first
+:data:`CAPTURE_BYTES` of the response in ``exchange.attrs["response_body"]``. Responses that need
+neither pass through unwrapped, so a plain JSON request pays nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from sidecar.exchange import Exchange
+from sidecar.http.message import Response
+
+if TYPE_CHECKING:
+    from sidecar.pipeline import Handler
+    from sidecar.runtime import RouteRuntime
+
+CAPTURE_BYTES = 256 * 1024  # response bytes kept for an audit record with include_bodies
+
+
+class ObserveStage:
+    """Wraps the body of responses that need watching; see the module docstring."""
+
+    def __init__(self, route: RouteRuntime) -> None:
+        self.route = route
+
+    async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
+        response = await call_next(exchange)
+        stream = 200 <= response.status < 300 and (
+            response.headers.get("content-type") or ""
+        ).startswith("text/event-stream")
+        capture = _wants_bodies(exchange)
+        if stream or capture:
+            response.body = ObservedBody(response.body, exchange, stream, capture)
+        return response
+
+
+def _wants_bodies(exchange: Exchange) -> bool:
+    snapshot = exchange.snapshot
+    if snapshot is None:
+        return False
+    audit = snapshot.config.audit
+    return bool(audit.path and audit.include_bodies)
+
+
+class ObservedBody:
+    """A body iterator that notes the first chunk's time and keeps a bounded copy.
+
+    A class, not an async generator, so that ``aclose()`` reaches the upstream body (and frees
+    its connection) even when iteration never started.
+    """
+
+    __slots__ = ("_inner", "_exchange", "_stream", "_parts", "_room")
+
+    def __init__(
+        self, inner: AsyncIterator[bytes], exchange: Exchange, stream: bool, capture: bool
+    ) -> None:
+        self._inner = inner
+        self._exchange = exchange
+        self._stream = stream
+        self._parts: list[bytes] | None = [] if capture else None
+        self._room = CAPTURE_BYTES
+
+    def __aiter__(self) -> ObservedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._inner.__anext__()
+        if not chunk:
+            return chunk
+        exchange = self._exchange
+        if self._stream and exchange.ttft is None:
+            exchange.ttft = asyncio.get_running_loop().time() - exchange.started
+        parts = self._parts
+        if parts is not None and self._room > 0:
+            kept = chunk[: self._room]
+            self._room -= len(kept)
+            parts.append(kept)
+            exchange.attrs["response_body"] = parts
+        return chunk
+
+    async def aclose(self) -> None:
+        close = getattr(self._inner, "aclose", None)
+        if close is not None:
+            await close()
