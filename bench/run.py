@@ -79,8 +79,9 @@ class Proc:
 class Processes:
     """Every child started, stopped by PID (SIGTERM, then SIGKILL) no matter what."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.env = env  # PYTHONPATH to a checked-out --ref, or None for the working tree
         self.procs: list[Proc] = []
 
     def start(
@@ -91,7 +92,9 @@ class Processes:
         log = self.tmp / f"{name}.log"
         out = open(stdout or log, "wb")  # noqa: SIM115 - handed to the child
         err = out if stdout is None else open(log, "wb")  # noqa: SIM115
-        popen = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT)
+        popen = subprocess.Popen(
+            argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT, env=self.env
+        )
         proc = Proc(name, popen, log)
         self.procs.append(proc)
         return proc
@@ -375,6 +378,7 @@ def start_sidecar(
         cwd=ROOT,
         timeout=30,
         check=False,
+        env=ps.env,
     )
     try:
         target.extra["stages"] = json.loads(out.stdout)
@@ -756,15 +760,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
     ok = _get(side, "stream", "boundaries_ok")
     pe, pd = (
-        _get(side, "stream", "pacing_error_us", "p50"),
-        _get(t, "direct", "stream", "pacing_error_us", "p50"),
+        _get(side, "stream", "pacing_jitter_us", "p50"),
+        _get(t, "direct", "stream", "pacing_jitter_us", "p50"),
     )
     paced = None if pe is None or pd is None else pe - pd <= 200
     add(
         "streaming: chunk boundaries and pacing preserved",
         None
         if ok is None
-        else f"boundaries {ok}, pacing error p50 {_f(pe, '.0f')} us (direct {_f(pd, '.0f')} us)",
+        else f"boundaries {ok}, pacing jitter p50 {_f(pe, '.0f')} us (direct {_f(pd, '.0f')} us)",
         "one event per chunk; pacing within +0.2 ms",
         None if ok is None or paced is None else bool(ok and paced),
     )
@@ -841,7 +845,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{s['open_chunks']} chunks {s['open_interval_ms']:g} ms apart)",
         "",
         "| target | TTFB p50 µs | +TTFB µs | chunk delay p50 µs | +chunk µs | "
-        "chunk delay p99 µs | one event per chunk | pacing err p50 µs | "
+        "chunk delay p99 µs | one event per chunk | pacing jitter p50 µs | "
         "open streams complete | RSS MB | CPU % |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
@@ -859,7 +863,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {ttfb:.0f} | {_f(dt, '.0f')} | {chunk:.0f} | {_f(dc, '.0f')} | "
             f"{st['chunk_delay_us']['p99']:.0f} | {st['boundaries_ok']} | "
-            f"{st['pacing_error_us']['p50']:.0f} | {done} | "
+            f"{st['pacing_jitter_us']['p50']:.0f} | {done} | "
             f"{_f(op.get('proxy_rss_peak_mb'), '.1f')} | "
             f"{_f(op.get('proxy_cpu_pct'), '.0f')} |"
         )
@@ -1002,7 +1006,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     return None
 
 
-def machine_info(nginx: str | None) -> dict[str, Any]:
+def machine_info(nginx: str | None, ref: str | None) -> dict[str, Any]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1017,8 +1021,8 @@ def machine_info(nginx: str | None) -> dict[str, Any]:
             return "unknown"
         return (out.stdout + out.stderr).strip().splitlines()[0] if out.stdout + out.stderr else ""
 
-    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
-    dirty = version(["git", "-C", str(ROOT), "status", "--porcelain", "--", "sidecar"])
+    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", ref or "HEAD"])
+    dirty = "" if ref else version(["git", "-C", str(ROOT), "status", "--porcelain", "sidecar"])
     import httptools
     import uvloop
 
@@ -1098,6 +1102,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def checkout(ref: str | None, tmp: Path) -> dict[str, str] | None:
+    """Extract ``sidecar/`` at ``ref`` (no change to the repo) and return an env that uses it."""
+    if not ref:
+        return None
+    dest = tmp / "ref"
+    dest.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "sidecar"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return {**os.environ, "PYTHONPATH": str(dest)}
+
+
 @contextlib.contextmanager
 def running(ps: Processes) -> Iterator[None]:
     def on_signal(signum: int, frame: object) -> None:
@@ -1158,6 +1175,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="apt-get install nginx-light when nginx is missing",
     )
+    parser.add_argument(
+        "--ref",
+        help="benchmark the sidecar package of this git commit (git archive into a temp dir) "
+        "instead of the working tree",
+    )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
         "--update-docs",
@@ -1182,7 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "command": command,
         "started": started,
-        "machine": machine_info(nginx),
+        "machine": machine_info(nginx, args.ref),
         "settings": {**s.__dict__},
         "pinning": f"proxy on core {s.proxy_core}; wrk, stream client, upstream on core "
         f"{s.load_core}"
@@ -1196,7 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="llm-sidecar-bench-") as tmpdir,
-        running(ps := Processes(Path(tmpdir))),
+        running(ps := Processes(Path(tmpdir), checkout(args.ref, Path(tmpdir)))),
     ):
         up_port = free_port()
         upstream = ps.start(
