@@ -20,6 +20,7 @@ from sidecar.admin import AdminServer
 from sidecar.config.loader import ConfigError, LoadedConfig, load_file
 from sidecar.config.redact import redacted
 from sidecar.config.watch import ConfigWatcher
+from sidecar.egress.gate import EgressGate
 from sidecar.events import ConfigReloaded, EventBus
 from sidecar.http.server import ProxyListener
 from sidecar.metrics import Metrics
@@ -45,17 +46,19 @@ class Sidecar:
         *,
         registry: CollectorRegistry | None = None,
         access_log: bool | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config_path = config_path
         self.events = EventBus()
-        self.resolver = Resolver()
+        self.resolver = resolver if resolver is not None else Resolver()  # tests inject one
         self.snapshot: Snapshot = build_snapshot(loaded, None, self.resolver, events=self.events)
         self.metrics = Metrics(self.events, self._current, registry)
         self.access_log = AccessLog(self.events)
         self.access_log.enabled = (
             loaded.config.access_log.enabled if access_log is None else access_log
         )
-        self.proxy = Proxy(self._current, self.events)
+        self.egress = EgressGate(self._current, self.events, self.resolver)
+        self.proxy = Proxy(self._current, self.events, self.egress)
         self.listener = ProxyListener(self.proxy, lambda: self.snapshot.config.http)
         self.admin = AdminServer(self)
         self.proxy_address: tuple[str, int] | None = None
@@ -123,6 +126,7 @@ class Sidecar:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for upstream in self.snapshot.upstreams.values():
             await upstream.pool.aclose()
+        await self.egress.aclose()
         self.access_log.flush()
         await self.admin.stop()
 
@@ -138,6 +142,7 @@ class Sidecar:
             await asyncio.sleep(1.0)
             for upstream in self.snapshot.upstreams.values():
                 upstream.pool.prune()
+            self.egress.prune()
 
     # reload ------------------------------------------------------------------------------------
     async def reload(self, trigger: str = "admin") -> dict[str, Any]:

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check-config", help="validate a config file and print a summary")
     check.add_argument("path")
+    gen_ca = sub.add_parser("gen-ca", help="create a CA key pair for TLS interception")
+    gen_ca.add_argument("directory", help="where to write ca.pem and ca-key.pem")
+    gen_ca.add_argument("--days", type=int, default=3650, help="validity (default 3650)")
+    gen_ca.add_argument("--force", action="store_true", help="replace existing files")
     sub.add_parser(
         "fake-upstream", help="run the fake LLM upstream (tests, benchmarks, demo)", add_help=False
     )
@@ -128,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return cmd_check_config(args)
+    if args.command == "gen-ca":
+        from sidecar.egress.ca import gen_ca_command
+
+        return gen_ca_command(args.directory, days=args.days, force=args.force)
     return cmd_serve(args)
 
 

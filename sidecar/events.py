@@ -78,6 +78,39 @@ class AuditWritten:
     error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TunnelOpened:
+    """A CONNECT tunnel was established (``mode``: blind or intercept)."""
+
+    host: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelClosed:
+    """A tunnel ended; bytes_in went client -> upstream, bytes_out upstream -> client.
+
+    ``reason``: closed, idle, reset or cancelled. Byte counts are 0 for intercepted tunnels,
+    whose requests are measured one by one like base-URL traffic.
+    """
+
+    host: str
+    mode: str
+    bytes_in: int
+    bytes_out: int
+    duration_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRefused:
+    """A proxy request or CONNECT was refused: ``reason`` is host_not_allowed,
+    private_address or tunnel_limit (the host is not a label: clients choose it)."""
+
+    host: str
+    reason: str
+
+
 class EventBus:
     """Synchronous publish/subscribe by event type."""
 

@@ -22,10 +22,13 @@ from sidecar.events import (
     BreakerRejected,
     BreakerTransitioned,
     ConfigReloaded,
+    EgressRefused,
     EventBus,
     FellBack,
     RequestFinished,
     Retried,
+    TunnelClosed,
+    TunnelOpened,
 )
 from sidecar.genai import GenAiMetrics
 from sidecar.runtime import Snapshot
@@ -97,6 +100,73 @@ class _LiveState(Collector):
         yield inflight
         yield pool
         yield circuit
+
+
+TUNNEL_BUCKETS = (0.1, 1, 10, 60, 300, 900, 1800, 3600, 7200, 21600)
+MAX_TUNNEL_HOSTS = 100  # host labels beyond this many are reported as `other`
+
+
+class EgressMetrics:
+    """CONNECT tunnels and egress refusals (sidecar/egress), children bound once per host."""
+
+    def __init__(self, events: EventBus, r: CollectorRegistry) -> None:
+        self.active = Gauge(
+            "llm_sidecar_tunnels_active", "Open CONNECT tunnels per host.", ["host"], registry=r
+        )
+        self.opened = Counter(
+            "llm_sidecar_tunnels",
+            "CONNECT tunnels established, by host and mode (blind, intercept).",
+            ["host", "mode"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "llm_sidecar_tunnel_bytes",
+            "Bytes carried by blind tunnels, counted when they close; direction in is "
+            "client to upstream, out is upstream to client.",
+            ["host", "direction"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "llm_sidecar_tunnel_duration_seconds",
+            "How long tunnels stayed open.",
+            ["host"],
+            buckets=TUNNEL_BUCKETS,
+            registry=r,
+        )
+        self.refused = Counter(
+            "llm_sidecar_egress_refused",
+            "Proxy requests and CONNECTs refused: host_not_allowed, private_address, tunnel_limit.",
+            ["reason"],
+            registry=r,
+        )
+        self._hosts: dict[str, tuple[Any, ...]] = {}
+        events.subscribe(TunnelOpened, self._on_open)
+        events.subscribe(TunnelClosed, self._on_close)
+        events.subscribe(EgressRefused, lambda event: self.refused.labels(event.reason).inc())
+
+    def _bound(self, host: str) -> tuple[Any, ...]:
+        children = self._hosts.get(host)
+        if children is None:
+            if len(self._hosts) >= MAX_TUNNEL_HOSTS:
+                return self._bound("other")
+            children = self._hosts[host] = (
+                self.active.labels(host),
+                self.bytes.labels(host, "in"),
+                self.bytes.labels(host, "out"),
+                self.duration.labels(host),
+            )
+        return children
+
+    def _on_open(self, event: TunnelOpened) -> None:
+        self._bound(event.host)[0].inc()
+        self.opened.labels(event.host if event.host in self._hosts else "other", event.mode).inc()
+
+    def _on_close(self, event: TunnelClosed) -> None:
+        active, bytes_in, bytes_out, duration = self._bound(event.host)
+        active.dec()
+        bytes_in.inc(event.bytes_in)
+        bytes_out.inc(event.bytes_out)
+        duration.observe(event.duration_s)
 
 
 class Metrics:
@@ -216,6 +286,7 @@ class Metrics:
         r.register(_LiveState(current))
         self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._config_hash: str | None = None
+        self.egress = EgressMetrics(events, r)
         events.subscribe(RequestFinished, self._on_request)
         events.subscribe(ConfigReloaded, self._on_reload)
         events.subscribe(AuditWritten, self._on_audit)

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from sidecar.egress.target import ProxyTarget, is_absolute_form
 from sidecar.events import EventBus, RequestFinished
 from sidecar.exchange import Exchange
 from sidecar.http.message import Request
-from sidecar.http.server import ConnectionHandler, ResponseWriter, new_request_id
-from sidecar.replies import local_reply, sse_error_event
+from sidecar.http.server import ClientConnection, ConnectionHandler, ResponseWriter, new_request_id
+from sidecar.replies import ERROR_HEADER, local_reply, sse_error_event
 from sidecar.runtime import Snapshot
 from sidecar.upstream.errors import REPLY_KIND, UpstreamError
+
+if TYPE_CHECKING:
+    from sidecar.egress.gate import EgressGate
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -25,12 +30,22 @@ log = logging.getLogger("sidecar.proxy")
 class Proxy(ConnectionHandler):
     """Routes requests through the current snapshot's pipeline."""
 
-    def __init__(self, current: Callable[[], Snapshot], events: EventBus) -> None:
+    def __init__(
+        self, current: Callable[[], Snapshot], events: EventBus, egress: EgressGate | None = None
+    ) -> None:
         self._current = current
         self._events = events
+        self.egress = egress  # HTTP_PROXY/HTTPS_PROXY traffic; None: base-URL mode only
         self.inflight = 0
 
-    async def handle(self, request: Request, client: str, send: ResponseWriter) -> bool:
+    async def handle(
+        self,
+        request: Request,
+        client: str,
+        send: ResponseWriter,
+        target: ProxyTarget | None = None,
+    ) -> bool:
+        """Answer one request; ``target`` is the origin of an intercepted tunnel it came in."""
         loop = asyncio.get_running_loop()
         request_id = request.headers.get("x-request-id")
         if not request_id:
@@ -41,13 +56,22 @@ class Proxy(ConnectionHandler):
         keep = True
         self.inflight += 1
         try:
-            route = snapshot.match(request)
-            if route is None:
+            egress, refusal = self.egress, None
+            if egress is not None and (target is not None or is_absolute_form(request.target)):
+                # HTTP_PROXY absolute-form, or decrypted from an intercepted tunnel: by host.
+                route, refusal = await egress.route(exchange, target)
+            else:
+                route = snapshot.match(request)
+                if route is not None:
+                    exchange.upstream_path = route.upstream_path(request.target)
+            if refusal is not None:
+                response = refusal
+                exchange.error = refusal.headers.get(ERROR_HEADER)
+            elif route is None:
                 response = local_reply("no_route", f"no route matches {request.path!r}")
                 exchange.error = "no_route"
             else:
                 exchange.route = route
-                exchange.upstream_path = route.upstream_path(request.target)
                 response = await route.handler(exchange)
             response.headers.set("x-request-id", request_id)
             exchange.status = response.status
@@ -72,6 +96,15 @@ class Proxy(ConnectionHandler):
                 log.error("finish callback failed for %s: %r", request_id, error)
             self._events.emit(RequestFinished(exchange))
         return keep
+
+    async def tunnel(self, request: Request, conn: ClientConnection, leftover: bytes) -> None:
+        """CONNECT (HTTPS_PROXY): a blind tunnel, or interception served by :meth:`handle`."""
+        if self.egress is None:
+            reply = local_reply("bad_request", "CONNECT is not supported here")
+            reply.headers.set("connection", "close")
+            await conn.write_response(reply, request, None)
+            return
+        await self.egress.tunnels.handle(request, conn, leftover, self.handle)
 
 
 def _error_event(exchange: Exchange) -> Callable[[BaseException], bytes | None]:

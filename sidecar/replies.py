@@ -32,6 +32,7 @@ KINDS: dict[str, Kind] = {
     "bad_request": Kind(400, "invalid_request_error", "invalid_request_error", False),
     "no_route": Kind(404, "invalid_request_error", "not_found_error", False),
     "egress_denied": Kind(403, "permission_error", "permission_error", False),
+    "tunnel_limit": Kind(429, "rate_limit_error", "rate_limit_error", True),
     "body_too_large": Kind(413, "invalid_request_error", "request_too_large", False),
     "headers_too_large": Kind(431, "invalid_request_error", "invalid_request_error", False),
     "rate_limited": Kind(429, "rate_limit_error", "rate_limit_error", True),

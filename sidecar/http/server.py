@@ -43,6 +43,15 @@ class ConnectionHandler:
         """Answer one request by calling ``send``; return whether the connection may be kept."""
         raise NotImplementedError
 
+    async def tunnel(self, request: Request, conn: ClientConnection, leftover: bytes) -> None:
+        """Take over the connection after a CONNECT (``leftover``: bytes read past its head).
+
+        The handler owns ``conn.reader``/``conn.writer`` until it returns (it may answer with a
+        reply through ``conn.write_response``, pipe bytes, or ``start_tls`` in place); the
+        listener closes the connection afterwards. See sidecar/egress/connect.py.
+        """
+        raise NotImplementedError
+
 
 ErrorEvent = Callable[[BaseException], bytes | None]
 ResponseWriter = Callable[[Response, Request, ErrorEvent | None], Awaitable[int]]
@@ -73,6 +82,7 @@ class ClientConnection:
         self._room: asyncio.Event = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
+        self.tunnel_leftover = b""  # bytes read past a CONNECT head
         self._parser = httptools.HttpRequestParser(self)
         self._reset_message()
 
@@ -174,8 +184,13 @@ class ClientConnection:
                     self._head_bytes += len(data)
                 try:
                     parser.feed_data(data)
-                except httptools.HttpParserUpgrade:
-                    self._push(Refusal("bad_request", "protocol upgrades are not supported"))
+                except httptools.HttpParserUpgrade as upgrade:
+                    if parser.get_method() == b"CONNECT":
+                        # HTTPS_PROXY: the CONNECT request was pushed; reading stops here and
+                        # the bytes after its head belong to the tunnel (see serve()).
+                        self.tunnel_leftover = data[upgrade.args[0] :]
+                    else:
+                        self._push(Refusal("bad_request", "protocol upgrades are not supported"))
                     break
                 except httptools.HttpParserError as exc:
                     refusal = self._refused or Refusal("bad_request", f"malformed request: {exc}")
@@ -230,6 +245,9 @@ class ClientConnection:
                     await self.write_response(reply, Request("GET", "/", Headers()), None)
                     break
                 self.busy = True
+                if item.method == "CONNECT":  # the tunnel handler owns the connection now
+                    await self.handler.tunnel(item, self, self.tunnel_leftover)
+                    break
                 keep = await self.handler.handle(item, self.client, self.write_response)
                 self.busy = False
                 if not keep or not item.keep_alive or self.draining():
