@@ -24,6 +24,7 @@ from sidecar.egress.gate import EgressGate
 from sidecar.events import ConfigReloaded, EventBus
 from sidecar.http.server import ProxyListener
 from sidecar.metrics import Metrics
+from sidecar.policies.state import PolicyState
 from sidecar.proxy import Proxy
 from sidecar.runtime import Snapshot, build_snapshot, retired_upstreams
 from sidecar.upstream.resolver import Resolver
@@ -51,7 +52,10 @@ class Sidecar:
         self.config_path = config_path
         self.events = EventBus()
         self.resolver = resolver if resolver is not None else Resolver()  # tests inject one
-        self.snapshot: Snapshot = build_snapshot(loaded, None, self.resolver, events=self.events)
+        self.policies = PolicyState(self.events)  # limiters and budgets outlive reloads
+        self.snapshot: Snapshot = build_snapshot(
+            loaded, None, self.resolver, events=self.events, policies=self.policies
+        )
         self.metrics = Metrics(self.events, self._current, registry)
         self.access_log = AccessLog(self.events)
         self.access_log.enabled = (
@@ -168,7 +172,7 @@ class Sidecar:
     def apply(self, loaded: LoadedConfig) -> dict[str, Any]:
         """Swap in a new snapshot built from ``loaded``; retire what it no longer uses."""
         old = self.snapshot
-        new = build_snapshot(loaded, old, self.resolver, events=self.events)
+        new = build_snapshot(loaded, old, self.resolver, events=self.events, policies=self.policies)
         changes = _diff(old, new)
         restart = [
             f"listen.{key}"

@@ -111,6 +111,49 @@ class EgressRefused:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class LimitRejected:
+    """A limit refused a request before it was sent.
+
+    ``scope``: upstream, route, tenant, or provider (pacing on the upstream's own headers);
+    ``name``: the upstream, route label or tenant id; ``limit``: requests, tokens, in_flight,
+    queue_full, queue_timeout, provider, budget_day or budget_month.
+    """
+
+    scope: str
+    name: str
+    limit: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueWaited:
+    """A request was admitted by a queue-mode limit, or by provider pacing, after ``seconds``."""
+
+    scope: str
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecorded:
+    """The real LLM usage of one request, priced (``cost_usd`` None: the model has no price)."""
+
+    upstream: str
+    model: str
+    tenant: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUpdated:
+    """A tenant's budget after a spend or a refusal: USD left per period (day, month)."""
+
+    tenant: str
+    remaining: dict[str, float]
+
+
 class EventBus:
     """Synchronous publish/subscribe by event type."""
 

@@ -21,14 +21,18 @@ from sidecar.events import (
     AuditWritten,
     BreakerRejected,
     BreakerTransitioned,
+    BudgetUpdated,
     ConfigReloaded,
     EgressRefused,
     EventBus,
     FellBack,
+    LimitRejected,
+    QueueWaited,
     RequestFinished,
     Retried,
     TunnelClosed,
     TunnelOpened,
+    UsageRecorded,
 )
 from sidecar.genai import GenAiMetrics
 from sidecar.runtime import Snapshot
@@ -230,6 +234,7 @@ class Metrics:
             registry=r,
         )
         self.genai = GenAiMetrics(r)
+        self.limits = LimitMetrics(r, events, current)
         self.proxy_errors = Counter(
             "llm_sidecar_proxy_errors",
             "Replies made or streams cut by the sidecar, by x-llm-sidecar-error kind.",
@@ -360,3 +365,123 @@ class Metrics:
                 self.config_info.remove(self._config_hash)
             self.config_info.labels(event.text_hash).set(1)
             self._config_hash = event.text_hash
+
+
+# Rate limits, LLM usage, cost and budgets -------------------------------------------------------
+
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MAX_UNPRICED_MODELS = 50  # model labels not named in `prices`; the rest are `other`
+OTHER = "other"
+
+
+class _Capped:
+    """A label's first `cap` distinct values keep their name; later ones become ``other``."""
+
+    __slots__ = ("cap", "_seen")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.cap:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
+class LimitMetrics:
+    """What the limit and accounting stages report (see docs/LIMITS.md).
+
+    Tenants beyond ``tenants.max_label_values`` are labelled ``other``; so are models not
+    named in ``prices`` beyond :data:`MAX_UNPRICED_MODELS`. A ``scope`` label is
+    ``<kind>:<name>``: ``upstream:<name>``, ``route:<label>``, ``tenant:<id>`` or
+    ``provider:<upstream>`` (pacing on the provider's own headers).
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, events: EventBus, current: Callable[[], Snapshot]
+    ) -> None:
+        r = registry
+        self.rejections = Counter(
+            "llm_sidecar_ratelimit_rejections",
+            "Requests refused by a rate limit or budget, by scope and limit.",
+            ["scope", "limit"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "llm_sidecar_ratelimit_queue_wait_seconds",
+            "Time admitted requests waited in a queue-mode limit or for provider pacing.",
+            ["scope"],
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "llm_sidecar_tokens",
+            "LLM tokens used, as upstreams reported them, by kind (prompt, completion).",
+            ["upstream", "model", "tenant", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "llm_sidecar_cost_usd",
+            "Spend in USD at the configured prices.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.budget_remaining = Gauge(
+            "llm_sidecar_budget_remaining_usd",
+            "USD left of a tenant's budget in the current period (day, month).",
+            ["tenant", "period"],
+            registry=r,
+        )
+        self._current = current
+        self._tenants = _Capped(1)
+        self._models = _Capped(MAX_UNPRICED_MODELS)
+        self._priced: frozenset[str] = frozenset()
+        self._usage_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._on_reload(None)
+        events.subscribe(ConfigReloaded, self._on_reload)
+        events.subscribe(LimitRejected, self._on_rejected)
+        events.subscribe(QueueWaited, self._on_waited)
+        events.subscribe(UsageRecorded, self._on_usage)
+        events.subscribe(BudgetUpdated, self._on_budget)
+
+    def _on_reload(self, event: ConfigReloaded | None) -> None:
+        config = self._current().config
+        self._tenants.cap = config.tenants.max_label_values
+        self._priced = frozenset(config.prices)
+
+    def _scope(self, scope: str, name: str) -> str:
+        return f"{scope}:{self._tenants(name) if scope == 'tenant' else name}"
+
+    def _on_rejected(self, event: LimitRejected) -> None:
+        self.rejections.labels(self._scope(event.scope, event.name), event.limit).inc()
+
+    def _on_waited(self, event: QueueWaited) -> None:
+        self.queue_wait.labels(self._scope(event.scope, event.name)).observe(event.seconds)
+
+    def _on_usage(self, event: UsageRecorded) -> None:
+        model = event.model if event.model in self._priced else self._models(event.model)
+        key = (event.upstream, model, self._tenants(event.tenant))
+        children = self._usage_children.get(key)
+        if children is None:
+            upstream, _, tenant = key
+            children = self._usage_children[key] = (
+                self.tokens.labels(upstream, model, tenant, "prompt"),
+                self.tokens.labels(upstream, model, tenant, "completion"),
+                self.cost.labels(tenant, model),
+            )
+        prompt, completion, cost = children
+        prompt.inc(event.prompt_tokens)
+        completion.inc(event.completion_tokens)
+        if event.cost_usd:
+            cost.inc(event.cost_usd)
+
+    def _on_budget(self, event: BudgetUpdated) -> None:
+        tenant = self._tenants(event.tenant)
+        if tenant == OTHER:
+            return  # one gauge cannot stand for many tenants
+        for period, usd in event.remaining.items():
+            self.budget_remaining.labels(tenant, period).set(usd)

@@ -53,16 +53,19 @@ def _bind(stage: Stage, call_next: Handler) -> Handler:
 
 def route_stages(route: RouteRuntime) -> list[Stage]:
     """Route tier, outermost first."""
+    from sidecar.policies.accounting import AccountingStage
     from sidecar.policies.observe import ObserveStage
+    from sidecar.policies.tenancy import TenantStage
 
-    return [ObserveStage(route)]
+    return [ObserveStage(route), TenantStage(route), AccountingStage(route)]
 
 
 def upstream_stages(upstream: UpstreamRuntime) -> list[Stage]:
     """Upstream tier, outermost first."""
     from sidecar.policies.breaker import BreakerStage
+    from sidecar.policies.limits import LimitStage
 
-    return [BreakerStage(upstream)]
+    return [LimitStage(upstream), BreakerStage(upstream)]
 
 
 def build_route_handler(route: RouteRuntime) -> Handler:

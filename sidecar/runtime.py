@@ -20,6 +20,7 @@ from sidecar.events import BreakerTransitioned, EventBus
 from sidecar.http.message import Request
 from sidecar.pipeline import Handler, build_route_handler, build_upstream_handler
 from sidecar.policies.breaker import CircuitBreaker, Transition
+from sidecar.policies.state import PolicyState
 from sidecar.upstream.pool import AddressCheck, ConnectionPool, make_origin
 from sidecar.upstream.resolver import Resolver
 
@@ -42,11 +43,13 @@ class UpstreamRuntime:
         pool: ConnectionPool,
         events: EventBus,
         breaker: CircuitBreaker | None = None,
+        policies: PolicyState | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.pool = pool
         self.events = events
+        self.policies = policies if policies is not None else PolicyState(events)
         if breaker is None:
             breaker = CircuitBreaker(name, config.breaker, on_transition=self._on_transition)
         else:
@@ -90,9 +93,16 @@ class Target:
 class RouteRuntime:
     """A compiled route: its matcher, its ordered targets, and its route-tier handler."""
 
-    def __init__(self, index: int, config: Route, upstreams: dict[str, UpstreamRuntime]) -> None:
+    def __init__(
+        self,
+        index: int,
+        config: Route,
+        upstreams: dict[str, UpstreamRuntime],
+        policies: PolicyState | None = None,
+    ) -> None:
         self.index = index
         self.config = config
+        self.policies = policies if policies is not None else PolicyState()
         self.label = config.label
         self.prefix = config.path_prefix
         self.host = config.host.lower() if config.host else None
@@ -138,6 +148,7 @@ class Snapshot:
     upstreams: dict[str, UpstreamRuntime]
     routes: tuple[RouteRuntime, ...]
     loaded_at: float = field(default_factory=time.time)
+    policies: PolicyState = field(default_factory=PolicyState)  # outlives the snapshot
 
     @property
     def config(self):  # type: ignore[no-untyped-def]
@@ -177,11 +188,19 @@ def build_snapshot(
     *,
     events: EventBus | None = None,
     on_upstream: Callable[[UpstreamRuntime, UpstreamRuntime | None], None] | None = None,
+    policies: PolicyState | None = None,
 ) -> Snapshot:
-    """Build a snapshot, carrying over unchanged upstreams (and pools of same-transport ones)."""
+    """Build a snapshot, carrying over unchanged upstreams (and pools of same-transport ones).
+
+    `policies` (limiters, budgets, pacers) outlives snapshots: it is synced to the new config
+    first, then the stages of new upstreams and routes take their state from it.
+    """
     config = loaded.config
     if events is None:
         events = EventBus()
+    if policies is None:
+        policies = previous.policies if previous is not None else PolicyState(events)
+    policies.sync(config)
     old = previous.upstreams if previous is not None else {}
     upstreams: dict[str, UpstreamRuntime] = {}
     for name, upstream_config in config.upstreams.items():
@@ -198,12 +217,12 @@ def build_snapshot(
                 origin, upstream_config.pool, upstream_config.timeouts, resolver, address_check
             )
         breaker = before.breaker if before is not None else None
-        runtime = UpstreamRuntime(name, upstream_config, pool, events, breaker)
+        runtime = UpstreamRuntime(name, upstream_config, pool, events, breaker, policies)
         if on_upstream is not None:
             on_upstream(runtime, before)
         upstreams[name] = runtime
-    routes = tuple(RouteRuntime(i, r, upstreams) for i, r in enumerate(config.routes))
-    return Snapshot(loaded, upstreams, routes)
+    routes = tuple(RouteRuntime(i, r, upstreams, policies) for i, r in enumerate(config.routes))
+    return Snapshot(loaded, upstreams, routes, policies=policies)
 
 
 def retired_upstreams(old: Snapshot, new: Snapshot) -> list[UpstreamRuntime]:

@@ -213,6 +213,14 @@ class Limiter:
     def queued(self) -> int:
         return len(self._waiters)
 
+    def is_idle(self) -> bool:
+        """Nothing in flight or queued and every bucket full: as good as a new limiter, so a
+        registry may drop it without changing what anyone is admitted."""
+        if self.in_flight or self._waiters:
+            return False
+        buckets = (self._requests, self._tokens)
+        return all(b is None or b.level + _EPSILON >= b.capacity for b in buckets)
+
     def try_acquire(self, tokens: int) -> Lease:
         """Admit now or raise :class:`LimitExceeded`: the synchronous path, reject semantics.
 
