@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.accesslog import AccessLog
 from sidecar.admin import AdminServer
+from sidecar.audit import AuditLog
 from sidecar.config.loader import ConfigError, LoadedConfig, load_file
 from sidecar.config.redact import redacted
 from sidecar.config.watch import ConfigWatcher
@@ -61,6 +62,7 @@ class Sidecar:
         self.access_log.enabled = (
             loaded.config.access_log.enabled if access_log is None else access_log
         )
+        self.audit = AuditLog(self.events, lambda: self.snapshot.config.audit)
         self.egress = EgressGate(self._current, self.events, self.resolver)
         self.proxy = Proxy(self._current, self.events, self.egress)
         self.listener = ProxyListener(self.proxy, lambda: self.snapshot.config.http)
@@ -89,6 +91,7 @@ class Sidecar:
         self.proxy_address = await self.listener.start(*_split(config.listen.proxy))
         self.admin_address = await self.admin.start(*_split(config.listen.admin))
         self._spawn(self._janitor(), "pool-janitor")
+        self.audit.start()
         if self.config_path and config.reload.watch:
             self._watcher = ConfigWatcher(
                 self.config_path,
@@ -132,6 +135,7 @@ class Sidecar:
             await upstream.pool.aclose()
         await self.egress.aclose()
         self.access_log.flush()
+        await self.audit.stop()
         await self.admin.stop()
 
     def readiness(self) -> tuple[bool, str]:

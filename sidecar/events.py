@@ -69,6 +69,22 @@ class FellBack:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamAttempted:
+    """One attempt against one upstream ended at its response head (or failed before it).
+
+    ``status`` is the response status (0 when there was none); ``error`` the failure kind:
+    an UpstreamError kind (connect_error, timeout, reset, protocol, pool_exhausted),
+    ``circuit_open`` (refused by the breaker), or another stage's refusal kind.
+    """
+
+    upstream: str
+    route: str
+    status: int
+    error: str | None
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class AuditWritten:
     """The audit log wrote ``records`` records in one batch; ``lost`` more were dropped
     (``error`` is the failed write's errno name, or ``backlog`` when the queue overflowed)."""

@@ -12,7 +12,14 @@ import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -32,10 +39,14 @@ from sidecar.events import (
     Retried,
     TunnelClosed,
     TunnelOpened,
+    UpstreamAttempted,
     UsageRecorded,
 )
 from sidecar.genai import GenAiMetrics
 from sidecar.runtime import Snapshot
+
+# No `*_created` series: they double the series count and Prometheus ignores them by default.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # LLM calls span milliseconds (errors, cache hits) to many minutes (long generations).
 LATENCY_BUCKETS = (
@@ -73,6 +84,24 @@ OVERHEAD_BUCKETS = (
     0.25,
     1,
 )
+
+
+ATTEMPT_ERRORS = frozenset(
+    {"connect_error", "timeout", "reset", "protocol", "pool_exhausted", "circuit_open"}
+)
+
+
+def attempt_outcome(status: int, error: str | None) -> str:
+    """The bounded ``outcome`` label of one attempt: a status class or a failure kind."""
+    if error is not None:
+        return error if error in ATTEMPT_ERRORS else "refused"
+    if status >= 500:
+        return "5xx"
+    if status == 429:
+        return "429"
+    if status >= 400:
+        return "4xx"
+    return "success" if status else "refused"
 
 
 class _LiveState(Collector):
@@ -173,6 +202,65 @@ class EgressMetrics:
         duration.observe(event.duration_s)
 
 
+class _LimitState(Collector):
+    """Configured limits and how full their buckets are, read at scrape time.
+
+    ``llm_sidecar_ratelimit_per_minute`` comes from the config (every scope it names:
+    upstreams, routes, the default tenant and tenant overrides), so dashboards can draw usage
+    against the limit. ``llm_sidecar_ratelimit_fill_ratio`` is 1 - level/capacity of the live
+    buckets of upstream and route scopes (0: untouched, 1: the next request waits or is
+    refused); tenant buckets are left out, their number is not bounded by the config.
+    """
+
+    def __init__(self, current: Callable[[], Snapshot]) -> None:
+        self._current = current
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snapshot = self._current()
+        config = snapshot.config
+        per_minute = GaugeMetricFamily(
+            "llm_sidecar_ratelimit_per_minute",
+            "Configured rate limits per scope, in requests or tokens per minute.",
+            labels=["scope", "limit"],
+        )
+        scopes = [(f"upstream:{n}", u.limits) for n, u in config.upstreams.items()]
+        scopes += [(f"route:{r.label}", r.limits) for r in config.routes]
+        scopes.append(("tenant:default", config.tenants.default.limits))
+        scopes += [(f"tenant:{t}", o.limits) for t, o in config.tenants.overrides.items()]
+        for scope, limits in scopes:
+            if limits is None:
+                continue
+            if limits.requests is not None:
+                per_minute.add_metric([scope, "requests"], limits.requests.rate_per_s * 60)
+            if limits.tokens is not None:
+                per_minute.add_metric([scope, "tokens"], limits.tokens.per_min)
+        yield per_minute
+        fill = GaugeMetricFamily(
+            "llm_sidecar_ratelimit_fill_ratio",
+            "How full each upstream and route limit is now: 0 untouched, 1 exhausted.",
+            labels=["scope", "limit"],
+        )
+        policies = getattr(snapshot, "policies", None)
+        report = policies.snapshot() if policies is not None else {}
+        limiters = report.get("limiters", {}) if isinstance(report, dict) else {}
+        for scope, limiter in limiters.items():
+            if scope.startswith(("upstream:", "route:")) and isinstance(limiter, dict):
+                for limit, ratio in _fill(limiter):
+                    fill.add_metric([scope, limit], ratio)
+        yield fill
+
+
+def _fill(limiter: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    for name in ("requests", "tokens"):
+        bucket = limiter.get(name)
+        if isinstance(bucket, dict) and bucket.get("capacity"):
+            level = float(bucket.get("level", 0.0))
+            yield name, min(1.0, max(0.0, 1.0 - level / float(bucket["capacity"])))
+    in_flight, most = limiter.get("in_flight"), limiter.get("max_in_flight")
+    if isinstance(in_flight, int) and isinstance(most, int) and most:
+        yield "in_flight", min(1.0, in_flight / most)
+
+
 class Metrics:
     """The sidecar's metric set, subscribed to the event bus."""
 
@@ -216,6 +304,12 @@ class Metrics:
             "Successful streams: time from request received to the first body chunk.",
             ["route", "upstream"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.attempts = Counter(
+            "llm_sidecar_upstream_attempts",
+            "Tries against each upstream (retried and fallen-back ones too), by outcome.",
+            ["upstream", "outcome"],
             registry=r,
         )
         self.audit_records = Counter(
@@ -289,12 +383,15 @@ class Metrics:
             {"version": __version__, "python": platform.python_version()}
         )
         r.register(_LiveState(current))
+        r.register(_LimitState(current))
         self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._attempt_children: dict[tuple[str, int, str | None], Any] = {}
         self._config_hash: str | None = None
         self.egress = EgressMetrics(events, r)
         events.subscribe(RequestFinished, self._on_request)
         events.subscribe(ConfigReloaded, self._on_reload)
         events.subscribe(AuditWritten, self._on_audit)
+        events.subscribe(UpstreamAttempted, self._on_attempt)
         events.subscribe(
             BreakerTransitioned,
             lambda e: self.circuit_transitions.labels(e.upstream, e.from_state, e.to_state).inc(),
@@ -346,6 +443,14 @@ class Metrics:
             self.proxy_errors.labels(route, ex.error).inc()
         if ex.client_gone:
             self.client_gone.labels(route).inc()
+
+    def _on_attempt(self, event: UpstreamAttempted) -> None:
+        key = (event.upstream, event.status, event.error)
+        child = self._attempt_children.get(key)
+        if child is None:
+            outcome = attempt_outcome(event.status, event.error)
+            child = self._attempt_children[key] = self.attempts.labels(event.upstream, outcome)
+        child.inc()
 
     def _on_audit(self, event: AuditWritten) -> None:
         if event.records:

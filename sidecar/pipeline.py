@@ -64,8 +64,9 @@ def upstream_stages(upstream: UpstreamRuntime) -> list[Stage]:
     """Upstream tier, outermost first."""
     from sidecar.policies.breaker import BreakerStage
     from sidecar.policies.limits import LimitStage
+    from sidecar.policies.observe import AttemptStage
 
-    return [LimitStage(upstream), BreakerStage(upstream)]
+    return [LimitStage(upstream), AttemptStage(upstream), BreakerStage(upstream)]
 
 
 def build_route_handler(route: RouteRuntime) -> Handler:

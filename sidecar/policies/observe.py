@@ -1,11 +1,14 @@
-"""Route-tier observation stage: what only the response body shows.
+"""Observation stages: what only the response body shows, and how every attempt ended.
 
-Outermost in the route tier (so it sees the final response, after retries and fallbacks). It
-never changes a byte. For a streamed (``text/event-stream``) 2xx response it records the time
-to first token (``exchange.ttft``: request received to the first body chunk, the moment a token
-can reach the client); when the audit log asks for bodies it keeps the first
-:data:`CAPTURE_BYTES` of the response in ``exchange.attrs["response_body"]``. Responses that need
-neither pass through unwrapped, so a plain JSON request pays nothing.
+:class:`ObserveStage` is outermost in the route tier, so it sees the final response after
+retries and fallbacks; it never changes a byte. For a streamed (``text/event-stream``) 2xx
+response it records the time to first token (``exchange.ttft``: request received to the first
+body chunk, the moment a token can reach the client); when the audit log asks for bodies it
+keeps the first :data:`CAPTURE_BYTES` of the response in ``exchange.attrs["response_body"]``.
+Responses that need neither pass through unwrapped, so a plain JSON request pays nothing.
+
+:class:`AttemptStage` is outermost in the upstream tier and emits one
+:class:`~sidecar.events.UpstreamAttempted` per try.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from sidecar.events import UpstreamAttempted
 from sidecar.exchange import Exchange
 from sidecar.http.message import Response
+from sidecar.policies.breaker import CircuitOpen
+from sidecar.replies import ERROR_HEADER
 
 if TYPE_CHECKING:
     from sidecar.pipeline import Handler
-    from sidecar.runtime import RouteRuntime
+    from sidecar.runtime import RouteRuntime, UpstreamRuntime
 
 CAPTURE_BYTES = 256 * 1024  # response bytes kept for an audit record with include_bodies
 
@@ -78,14 +84,57 @@ class ObservedBody:
         if self._stream and exchange.ttft is None:
             exchange.ttft = asyncio.get_running_loop().time() - exchange.started
         parts = self._parts
-        if parts is not None and self._room > 0:
+        if parts is not None:
             kept = chunk[: self._room]
             self._room -= len(kept)
-            parts.append(kept)
-            exchange.attrs["response_body"] = parts
+            if kept:
+                parts.append(kept)
+                exchange.attrs["response_body"] = parts
+            if len(kept) < len(chunk):
+                exchange.attrs["response_truncated"] = True
         return chunk
 
     async def aclose(self) -> None:
         close = getattr(self._inner, "aclose", None)
         if close is not None:
             await close()
+
+
+class AttemptStage:
+    """Upstream-tier stage, outermost: reports every attempt's outcome at its response head.
+
+    The route tier sees only the final response; this sees each try, including the ones a
+    retry or a fallback replaced and the ones the breaker refused, which is what per-upstream
+    error rates (``llm_sidecar_upstream_attempts_total``, the live dashboard) are made of.
+    """
+
+    def __init__(self, upstream: UpstreamRuntime) -> None:
+        self.upstream = upstream
+
+    async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
+        upstream = self.upstream
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            response = await call_next(exchange)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            kind = "circuit_open" if isinstance(exc, CircuitOpen) else getattr(exc, "kind", None)
+            upstream.events.emit(
+                UpstreamAttempted(
+                    upstream.name,
+                    exchange.route_label,
+                    0,
+                    kind if isinstance(kind, str) else "internal_error",
+                    loop.time() - started,
+                )
+            )
+            raise
+        local = response.headers.get(ERROR_HEADER)  # a stage's own reply (a limit), not upstream's
+        upstream.events.emit(
+            UpstreamAttempted(
+                upstream.name, exchange.route_label, response.status, local, loop.time() - started
+            )
+        )
+        return response
