@@ -202,8 +202,9 @@ class Tunnels:
             log.info("TLS handshake for %s with %s failed: %r", target.host, conn.client, exc)
             return
         gate.events.emit(TunnelOpened(target.host, "intercept"))
-        handler = _Intercepted(serve, target)
+        handler = _Intercepted(serve, target, conn)
         inner = ClientConnection(conn.reader, writer, handler, conn.limits, conn.draining)
+        conn.busy = False  # between requests a drain may close it, like any keep-alive client
         try:
             await inner.serve()
         finally:
@@ -214,12 +215,17 @@ class Tunnels:
 class _Intercepted(ConnectionHandler):
     """Serves the decrypted requests of one intercepted tunnel, all routed by its host."""
 
-    def __init__(self, serve: Serve, target: ProxyTarget) -> None:
+    def __init__(self, serve: Serve, target: ProxyTarget, outer: ClientConnection) -> None:
         self._serve = serve
         self._target = target
+        self._outer = outer  # the listener's connection: busy while a request is answered
 
     async def handle(self, request: Request, client: str, send: ResponseWriter) -> bool:
-        return await self._serve(request, client, send, self._target)
+        self._outer.busy = True
+        try:
+            return await self._serve(request, client, send, self._target)
+        finally:
+            self._outer.busy = False
 
     async def tunnel(self, request: Request, conn: ClientConnection, leftover: bytes) -> None:
         message = "CONNECT inside an intercepted tunnel is not supported"

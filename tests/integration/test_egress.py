@@ -606,3 +606,23 @@ async def test_absolute_form_keeps_the_connection_for_more_requests(start_sideca
         assert orjson.loads(response.body)["path"] == f"/echo/{i}"
     writer.close()
     assert fake.requests_seen == 3
+
+
+async def test_drain_closes_an_idle_intercepted_connection_at_once(
+    start_sidecar, tls_fake, upstream_ca_file, sidecar_ca
+):
+    _, port = tls_fake
+    ca_cert, ca_key = sidecar_ca
+    intercept = {"hosts": [HOST], "ca_cert": ca_cert, "ca_key": ca_key}
+    config = egress_config(port, upstream_ca_file, intercept=intercept, shutdown_grace_s=10)
+    sidecar = await start_sidecar(config)
+    verify = ssl.create_default_context(cafile=ca_cert)
+    async with httpx.AsyncClient(proxy=proxy_url(sidecar), verify=verify) as http:
+        response = await http.get(f"https://{HOST}:{port}/v1/echo")
+        assert response.status_code == 200
+        assert sidecar.egress.tunnels.active == {HOST: 1}  # kept alive, idle
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await sidecar.listener.drain(10)
+        assert loop.time() - started < 3  # not held for the whole grace period
+    assert sidecar.egress.tunnels.active == {}
