@@ -12,20 +12,15 @@ import pytest
 import yaml
 from chartkit import CHART, RenderFn, require_tool
 
-# The metrics the sidecar exports (sidecar/metrics); histograms add _bucket/_sum/_count.
-METRICS = {
-    "llm_sidecar_requests_total",
-    "llm_sidecar_request_duration_seconds",
-    "llm_sidecar_upstream_ttfb_seconds",
-    "llm_sidecar_inflight_requests",
-    "llm_sidecar_circuit_state",
-    "llm_sidecar_circuit_transitions_total",
-    "llm_sidecar_ratelimit_rejections_total",
-    "llm_sidecar_tokens_total",
-    "llm_sidecar_cost_usd_total",
-    "llm_sidecar_config_reloads_total",
-}
-HISTOGRAMS = {"llm_sidecar_request_duration_seconds", "llm_sidecar_upstream_ttfb_seconds"}
+# The metrics the sidecar exports: the tables of docs/METRICS.md (which
+# tests/integration/test_metrics.py keeps equal to /metrics); histograms add _bucket/_sum/_count.
+_ROW = re.compile(r"\|\s*`(llm_sidecar_[a-z0-9_]+)`\s*\|\s*(counter|gauge|histogram)\s*\|(.*)")
+_ROWS = [
+    _ROW.match(line) for line in (CHART.parents[1] / "docs" / "METRICS.md").read_text().splitlines()
+]
+_LIVE = [m for m in _ROWS if m is not None and "reserved" not in m.group(3).lower()]
+METRICS = {m.group(1) for m in _LIVE}
+HISTOGRAMS = {m.group(1) for m in _LIVE if m.group(2) == "histogram"}
 KNOWN = METRICS | {f"{h}_{s}" for h in HISTOGRAMS for s in ("bucket", "sum", "count")}
 
 # Grafana's variables, replaced by literals so promtool can parse the queries.
@@ -107,7 +102,8 @@ def test_dashboards_parse_and_use_known_metrics(
 def test_starter_dashboard_has_breaker_rate_and_latency(
     dashboards: dict[str, dict[str, Any]],
 ) -> None:
-    exprs = [t["expr"] for p in dashboards["llm-sidecar.json"]["panels"] for t in p["targets"]]
+    panels = dashboards["llm-sidecar.json"]["panels"]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
     assert any("llm_sidecar_circuit_state" in e and "upstream" in e for e in exprs)
     assert any("llm_sidecar_requests_total" in e and "by (code)" in e for e in exprs)
     assert any(
