@@ -148,8 +148,8 @@ def _transfer(via_proxy: int | None, port: int, mode: str, size: int) -> float:
     return size / elapsed / 1e6
 
 
-def _latencies(client: httpx.Client, url: str, count: int) -> list[float]:
-    for _ in range(max(20, count // 10)):  # warm-up: connections, leaf certificate, caches
+def _latencies(client: httpx.Client, url: str, count: int, warm: bool = True) -> list[float]:
+    for _ in range(50 if warm else 0):
         client.post(url, json=CHAT).raise_for_status()
     out = []
     for _ in range(count):
@@ -180,9 +180,11 @@ def main() -> int:
     if args.quick:
         args.mb, args.repeat, args.requests = 16, 1, 100
 
+    here = Path(__file__).resolve()
+    sys.path.insert(0, str(here.parents[1]))  # this checkout's sidecar, also for `-m sidecar`
+    os.chdir(here.parents[1])
     from sidecar.egress.ca import generate_ca
 
-    here = Path(__file__).resolve()
     with tempfile.TemporaryDirectory(prefix="egress-bench-") as tmp:
         ca_cert, ca_key = generate_ca(tmp)
         side = _pin(1)
@@ -222,6 +224,7 @@ def main() -> int:
 
 
 def _measure(args: argparse.Namespace, bytes_port: int, fake_port: int, proxy: int, ca: str) -> int:
+    """Cases alternate within each round, so load from other processes hits them alike."""
     size = args.mb * 1024 * 1024
     print(f"# tunnel throughput ({args.mb} MB per transfer, best of {args.repeat}), MB/s")
     print("| direction | direct | CONNECT tunnel | tunnel / direct |")
@@ -230,44 +233,50 @@ def _measure(args: argparse.Namespace, bytes_port: int, fake_port: int, proxy: i
         ("down", "download (upstream -> client)"),
         ("up", "upload (client -> upstream)"),
     ):
-        direct = max(_transfer(None, bytes_port, mode, size) for _ in range(args.repeat))
-        tunnel = max(_transfer(proxy, bytes_port, mode, size) for _ in range(args.repeat))
+        direct, tunnel = 0.0, 0.0
+        for _ in range(args.repeat):
+            direct = max(direct, _transfer(None, bytes_port, mode, size))
+            tunnel = max(tunnel, _transfer(proxy, bytes_port, mode, size))
         print(f"| {label} | {direct:.0f} | {tunnel:.0f} | {tunnel / direct:.0%} |")
 
-    print(f"\n# per-request latency ({args.requests} sequential keep-alive POSTs, ms)")
-    print("| mode | mean | p50 | p99 | mean overhead vs direct |")
-    print("|---|---|---|---|---|")
     path = "/v1/chat/completions"
     proxy_url = f"http://127.0.0.1:{proxy}"
-    modes = [
-        (
-            "direct to the fake upstream",
+    verify = ssl.create_default_context(cafile=ca)
+    modes = {
+        "direct to the fake upstream": (
             httpx.Client(trust_env=False),
             f"http://127.0.0.1:{fake_port}{path}",
         ),
-        ("base URL (/openai prefix)", httpx.Client(trust_env=False), f"{proxy_url}/openai{path}"),
-        (
-            "HTTP_PROXY absolute-form",
+        "base URL (/openai prefix)": (httpx.Client(trust_env=False), f"{proxy_url}/openai{path}"),
+        "HTTP_PROXY absolute-form": (
             httpx.Client(trust_env=False, proxy=proxy_url),
             f"http://127.0.0.1:{fake_port}{path}",
         ),
-        (
-            "HTTPS_PROXY + interception",
-            httpx.Client(
-                trust_env=False, proxy=proxy_url, verify=ssl.create_default_context(cafile=ca)
-            ),
+        "HTTPS_PROXY + interception": (
+            httpx.Client(trust_env=False, proxy=proxy_url, verify=verify),
             f"https://127.0.0.1:{fake_port}{path}",
         ),
-    ]
-    means: dict[str, float] = {}
-    for label, client, url in modes:
-        with client:
-            mean, p50, p99 = _summary(_latencies(client, url, args.requests))
-        means[label] = mean
-        base = means["direct to the fake upstream"]
-        print(f"| {label} | {mean:.3f} | {p50:.3f} | {p99:.3f} | {mean - base:+.3f} |")
-    extra = means["HTTPS_PROXY + interception"] - means["base URL (/openai prefix)"]
-    print(f"\ninterception vs base-URL mode: {extra:+.3f} ms per request (mean)")
+    }
+    rounds = 10
+    samples: dict[str, list[float]] = {label: [] for label in modes}
+    for client, url in modes.values():
+        _latencies(client, url, 0)  # warm-up: connections, leaf certificate, caches
+    for _ in range(rounds):
+        for label, (client, url) in modes.items():
+            samples[label] += _latencies(client, url, args.requests // rounds, warm=False)
+    for client, _ in modes.values():
+        client.close()
+    print(f"\n# per-request latency ({args.requests} sequential keep-alive POSTs per mode, ms)")
+    print("| mode | mean | p50 | p99 | p50 overhead vs direct |")
+    print("|---|---|---|---|---|")
+    p50s: dict[str, float] = {}
+    for label, values in samples.items():
+        mean, p50, p99 = _summary(values)
+        p50s[label] = p50
+        base = p50s["direct to the fake upstream"]
+        print(f"| {label} | {mean:.3f} | {p50:.3f} | {p99:.3f} | {p50 - base:+.3f} |")
+    extra = p50s["HTTPS_PROXY + interception"] - p50s["base URL (/openai prefix)"]
+    print(f"\ninterception vs base-URL mode: {extra:+.3f} ms per request (p50)")
     return 0
 
 

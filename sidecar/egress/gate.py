@@ -46,7 +46,9 @@ class EgressGate:
         self.resolver = resolver
         self._policy: tuple[Snapshot, EgressPolicy] | None = None
         self._ca: tuple[tuple[str, str], CertificateAuthority] | None = None
-        self._adhoc: OrderedDict[tuple[str, str, int], RouteRuntime] = OrderedDict()
+        self._adhoc: OrderedDict[tuple[str, str, int], UpstreamRuntime] = OrderedDict()
+        self._routes: dict[tuple[str, str, int], RouteRuntime] = {}
+        self._routes_of: Snapshot | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self.tunnels = Tunnels(self)
 
@@ -56,7 +58,7 @@ class EgressGate:
     def snapshot(self) -> dict[str, object]:
         return {
             "tunnels": self.tunnels.snapshot(),
-            "adhoc_upstreams": [r.targets[0].upstream.snapshot() for r in self._adhoc.values()],
+            "adhoc_upstreams": [upstream.snapshot() for upstream in self._adhoc.values()],
         }
 
     # policy ------------------------------------------------------------------------------------
@@ -125,33 +127,45 @@ class EgressGate:
             return None, self.refusal(target.host, exc)
         except OSError as exc:
             return None, local_reply("upstream_connect", f"cannot resolve {target.host}: {exc}")
-        return self.adhoc(target), None
+        return self.adhoc(target, snapshot), None
 
-    def adhoc(self, target: ProxyTarget) -> RouteRuntime:
-        """The ad-hoc route (one upstream, default settings) forwarding to ``target`` as is."""
+    def adhoc(self, target: ProxyTarget, snapshot: Snapshot) -> RouteRuntime:
+        """The ad-hoc route (one upstream, default settings) forwarding to ``target`` as is.
+
+        The upstream (pool, breaker) lives in a bounded LRU cache across reloads; the route
+        around it is rebuilt per snapshot, so tenant limits, budgets and prices of the current
+        config apply to it as to any route.
+        """
+        if self._routes_of is not snapshot:
+            self._routes_of, self._routes = snapshot, {}
         key = (target.scheme, target.host, target.port)
-        route = self._adhoc.get(key)
-        if route is not None:
+        route = self._routes.get(key)
+        upstream = self._adhoc.get(key)
+        if upstream is not None:
             self._adhoc.move_to_end(key)
-            return route
-        name = f"egress:{target.authority}"
-        config = Upstream.model_validate({"url": target.url})
-        pool = ConnectionPool(
-            make_origin(config.url, config.tls),
-            config.pool,
-            config.timeouts,
-            self.resolver,
-            self._check_address,
-        )
-        upstream = UpstreamRuntime(name, config, pool, self.events)
+            if route is not None:
+                return route
+        else:
+            name = f"egress:{target.authority}"
+            config = Upstream.model_validate({"url": target.url})
+            pool = ConnectionPool(
+                make_origin(config.url, config.tls),
+                config.pool,
+                config.timeouts,
+                self.resolver,
+                self._check_address,
+            )
+            upstream = UpstreamRuntime(name, config, pool, self.events, None, snapshot.policies)
+            self._adhoc[key] = upstream
+            while len(self._adhoc) > MAX_ADHOC_UPSTREAMS:
+                evicted_key, evicted = self._adhoc.popitem(last=False)
+                self._routes.pop(evicted_key, None)
+                self._close(evicted)
         route_config = Route.model_validate(
-            {"name": "egress", "host": target.host, "upstreams": [name]}
+            {"name": "egress", "host": target.host, "upstreams": [upstream.name]}
         )
-        route = RouteRuntime(-1, route_config, {name: upstream})
-        self._adhoc[key] = route
-        while len(self._adhoc) > MAX_ADHOC_UPSTREAMS:
-            _, evicted = self._adhoc.popitem(last=False)
-            self._close(evicted.targets[0].upstream)
+        route = RouteRuntime(-1, route_config, {upstream.name: upstream}, snapshot.policies)
+        self._routes[key] = route
         return route
 
     def tunnel_upstream(self, snapshot: Snapshot, target: ProxyTarget) -> UpstreamRuntime:
@@ -161,7 +175,7 @@ class EgressGate:
             origin = upstream.origin
             if origin.host == target.host and origin.port == target.port:
                 return upstream
-        return self.adhoc(target).targets[0].upstream
+        return self.adhoc(target, snapshot).targets[0].upstream
 
     def _check_address(self, host: str, address: str) -> None:
         """The ad-hoc pools' address check (the current policy, right before each connect)."""
@@ -174,8 +188,8 @@ class EgressGate:
     # lifecycle ---------------------------------------------------------------------------------
     def prune(self) -> None:
         """Close idle ad-hoc connections past their keep-alive (the janitor calls this)."""
-        for route in self._adhoc.values():
-            route.targets[0].upstream.pool.prune()
+        for upstream in self._adhoc.values():
+            upstream.pool.prune()
 
     def _close(self, upstream: UpstreamRuntime) -> None:
         upstream.retired = True
@@ -185,8 +199,9 @@ class EgressGate:
 
     async def aclose(self) -> None:
         """Close every ad-hoc pool."""
+        self._routes.clear()
         while self._adhoc:
-            _, route = self._adhoc.popitem()
-            await route.targets[0].upstream.pool.aclose()
+            _, upstream = self._adhoc.popitem()
+            await upstream.pool.aclose()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -626,3 +626,23 @@ async def test_drain_closes_an_idle_intercepted_connection_at_once(
         await sidecar.listener.drain(10)
         assert loop.time() - started < 3  # not held for the whole grace period
     assert sidecar.egress.tunnels.active == {}
+
+
+async def test_forwarded_hosts_get_tenant_limits_and_reloads_change_the_policy(
+    start_sidecar, make_plain_fake
+):
+    fake, port = make_plain_fake
+    config = proxy_only_config(f"127.0.0.1:{port}")
+    config["tenants"] = {"default": {"limits": {"requests": {"per_min": 1}}}}
+    sidecar = await start_sidecar(config)
+    host, proxy_port = sidecar.proxy_address
+    raw = f"GET http://127.0.0.1:{port}/v1/echo HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    (first,) = await exchange(host, proxy_port, raw)
+    (second,) = await exchange(host, proxy_port, raw)
+    assert (first.status, second.status) == (200, 429)
+    assert second.headers["x-llm-sidecar-error"] == "rate_limited"
+    # A reload that drops the allow entry denies the host from the next request on.
+    sidecar.apply(load_text(yaml.safe_dump(proxy_only_config())))
+    (third,) = await exchange(host, proxy_port, raw)
+    assert third.status == 403
+    assert fake.requests_seen == 1
