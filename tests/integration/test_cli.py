@@ -105,8 +105,10 @@ async def test_sigterm_drains_an_in_flight_stream_then_exits_zero(tmp_path):
                 assert first.startswith(b"data:")
                 process.send_signal(signal.SIGTERM)
                 # Readiness flips to 503 while the stream keeps flowing to its end.
-                status, _ = await _get(f"http://127.0.0.1:{admin}/readyz")
-                assert status == 503
+                deadline = time.monotonic() + 5
+                while (await _get(f"http://127.0.0.1:{admin}/readyz"))[0] != 503:
+                    assert time.monotonic() < deadline, "readiness never went 503"
+                    await asyncio.sleep(0.02)
                 rest = await response.read()
         assert rest.rstrip().endswith(b"data: [DONE]")
         assert await asyncio.wait_for(process.wait(), 10) == 0
