@@ -42,7 +42,7 @@ from sidecar.events import (
     UpstreamAttempted,
     UsageRecorded,
 )
-from sidecar.genai import GenAiMetrics
+from sidecar.genai import OTHER, GenAiMetrics, LabelCap
 from sidecar.runtime import Snapshot
 
 # No `*_created` series: they double the series count and Prometheus ignores them by default.
@@ -476,25 +476,6 @@ class Metrics:
 
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 MAX_UNPRICED_MODELS = 50  # model labels not named in `prices`; the rest are `other`
-OTHER = "other"
-
-
-class _Capped:
-    """A label's first `cap` distinct values keep their name; later ones become ``other``."""
-
-    __slots__ = ("cap", "_seen")
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self._seen: set[str] = set()
-
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
-        if len(self._seen) < self.cap:
-            self._seen.add(value)
-            return value
-        return OTHER
 
 
 class LimitMetrics:
@@ -542,8 +523,8 @@ class LimitMetrics:
             registry=r,
         )
         self._current = current
-        self._tenants = _Capped(1)
-        self._models = _Capped(MAX_UNPRICED_MODELS)
+        self._tenants = LabelCap(1)
+        self._models = LabelCap(MAX_UNPRICED_MODELS)
         self._priced: frozenset[str] = frozenset()
         self._usage_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._on_reload(None)
@@ -555,7 +536,7 @@ class LimitMetrics:
 
     def _on_reload(self, event: ConfigReloaded | None) -> None:
         config = self._current().config
-        self._tenants.cap = config.tenants.max_label_values
+        self._tenants.limit = config.tenants.max_label_values
         self._priced = frozenset(config.prices)
 
     def _scope(self, scope: str, name: str) -> str:

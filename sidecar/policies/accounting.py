@@ -14,10 +14,13 @@ and fallbacks. Per request it:
    with the real token count, refunding the unused reservation or charging the overrun, prices
    the usage, spends it from the tenant's budget and reports it (:class:`UsageRecorded`).
 
-The token estimate (:func:`~sidecar.policies.usage.estimate_tokens`, a JSON parse of the
-request) is made only when a token bucket, a price, a budget or include_usage needs it; without
-any of those the stage costs a few dictionary lookups. A body that is not JSON is never refused
-for it: it reserves no tokens and is charged what the response reports, if anything.
+Usage is read for every LLM API call (paths ending in :data:`LLM_PATHS`), so the access log,
+``llm_sidecar_tokens_total`` and the GenAI token metrics see it without any limit configured
+(a few microseconds: one wrapper per body, one parse of a JSON body's copy or of each SSE record
+that mentions usage), and for any other path when a token limit, price or budget needs it. The
+token estimate (:func:`~sidecar.policies.usage.estimate_tokens`, a JSON parse of the request) is
+made only when a token bucket, a price, a budget or include_usage needs it. A body that is not
+JSON is never refused for it: it reserves no tokens and is charged what the response reports.
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
-
-import orjson
 
 from sidecar.events import BudgetUpdated, EventBus, LimitRejected, UsageRecorded
 from sidecar.exchange import Exchange
@@ -47,7 +48,7 @@ from sidecar.policies.usage import (
     add_include_usage,
     cost_usd,
     estimate_tokens,
-    usage_from_json,
+    usage_and_model_from_json,
 )
 from sidecar.replies import ERROR_HEADER, local_reply
 
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
     from sidecar.runtime import RouteRuntime
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a larger JSON response is passed on without reading usage
+LLM_PATHS = ("/chat/completions", "/completions", "/messages", "/responses", "/embeddings")
 _DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
@@ -104,6 +106,7 @@ class AccountingStage:
             self.always_usage
             or budget is not None
             or (tenant_limiter is not None and tenant_limiter.settings.tokens is not None)
+            or exchange.upstream_path.partition("?")[0].rstrip("/").endswith(LLM_PATHS)
         )
         if not needs_usage and tenant_limiter is None and self.limiter is None:
             return _note_refusal(exchange, await call_next(exchange))
@@ -232,7 +235,6 @@ class Ledger:
         path = self.exchange.upstream_path.partition("?")[0]
         body = add_include_usage(request.body, path=path)
         if body is not None:
-            self.estimate()  # from the client's own body
             request.body = body
             request.headers.set("accept-encoding", "identity")  # the chunk must be readable
             self.strip_usage = True
@@ -261,7 +263,13 @@ class Ledger:
         return response
 
     def settle(
-        self, status: int, usage: Usage | None, *, completed: bool = True, made_here: bool = False
+        self,
+        status: int,
+        usage: Usage | None,
+        *,
+        completed: bool = True,
+        made_here: bool = False,
+        model: str | None = None,
     ) -> None:
         """Settle every lease with the real usage, then price, spend and report it (once).
 
@@ -281,12 +289,15 @@ class Ledger:
                 lease.reconcile(0)
             lease.release()
         if usage is not None:
-            self._record(usage)
+            self._record(usage, model)
 
-    def _record(self, usage: Usage) -> None:
+    def _record(self, usage: Usage, reported: str | None) -> None:
+        """`reported`: the model the response named (the one that answered), if it did."""
         exchange = self.exchange
         exchange.tokens = (usage.prompt_tokens, usage.completion_tokens)
-        model = self._upstream_model()
+        if exchange.model is None:
+            exchange.model = reported or (self._estimate[0] if self._estimate else None)
+        model = reported or exchange.model
         cost = cost_usd(model, usage, self._prices) if self._prices else None
         exchange.cost_usd = cost
         budget = self._budget
@@ -304,18 +315,6 @@ class Ledger:
                 cost,
             )
         )
-
-    def _upstream_model(self) -> str | None:
-        """The model the upstream was asked for: the rewritten body's, else the client's."""
-        exchange = self.exchange
-        if exchange.upstream_body is not None:
-            try:
-                model = orjson.loads(exchange.upstream_body).get("model")
-            except (ValueError, AttributeError):
-                model = None
-            if isinstance(model, str):
-                return model
-        return exchange.model or self.estimate()[0]
 
 
 class UsageTap:
@@ -374,8 +373,11 @@ class UsageTap:
 
     def finish(self, *, completed: bool) -> None:
         reader = self._reader
-        usage = reader.usage(completed) if reader is not None else None
-        self._ledger.settle(self._status, usage, completed=completed)
+        if reader is None:
+            self._ledger.settle(self._status, None, completed=completed)
+            return
+        usage = reader.usage(completed)
+        self._ledger.settle(self._status, usage, completed=completed, model=reader.model)
 
 
 class _SseUsage:
@@ -383,6 +385,10 @@ class _SseUsage:
 
     def __init__(self) -> None:
         self._scanner = StreamUsageScanner()
+
+    @property
+    def model(self) -> str | None:
+        return self._scanner.model
 
     def feed(self, chunk: bytes) -> None:
         self._scanner.feed(chunk)
@@ -396,12 +402,13 @@ class _SseUsage:
 class _JsonUsage:
     """A copy of a JSON body up to :data:`MAX_JSON_BYTES`, read for ``usage`` at the end."""
 
-    __slots__ = ("_encoding", "_parts", "_size")
+    __slots__ = ("_encoding", "_parts", "_size", "model")
 
     def __init__(self, encoding: str) -> None:
         self._encoding = encoding
         self._parts: list[bytes] | None = []
         self._size = 0
+        self.model: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         if self._parts is None:
@@ -423,7 +430,8 @@ class _JsonUsage:
                 data = inflater.decompress(data, MAX_JSON_BYTES)
             except zlib.error:
                 return None
-        return usage_from_json(data)
+        usage, self.model = usage_and_model_from_json(data)
+        return usage
 
 
 def _remaining(budget: BudgetTracker) -> dict[str, float]:

@@ -105,8 +105,15 @@ def estimate_tokens(
 
 def usage_from_json(body: bytes) -> Usage | None:
     """The usage of a JSON response (OpenAI chat/completions/embeddings/responses, Anthropic)."""
+    return usage_and_model_from_json(body)[0]
+
+
+def usage_and_model_from_json(body: bytes) -> tuple[Usage | None, str | None]:
+    """The usage of a JSON response and the model it names (the one that really answered)."""
     obj = _loads(body)
-    return _usage_in(obj) if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None, None
+    return _usage_in(obj), _model_in(obj)
 
 
 class StreamUsageScanner:
@@ -118,12 +125,13 @@ class StreamUsageScanner:
     chunks anyhow; lines may end in LF, CRLF or CR. Only records mentioning "usage" are parsed.
     """
 
-    __slots__ = ("_split", "_prompt", "_completion")
+    __slots__ = ("_split", "_prompt", "_completion", "model")
 
     def __init__(self) -> None:
         self._split = _SseSplitter()
         self._prompt: int | None = None
         self._completion: int | None = None
+        self.model: str | None = None  # named by the usage records, when they do
 
     @property
     def usage(self) -> Usage | None:
@@ -149,6 +157,7 @@ class StreamUsageScanner:
         obj = _loads(payload)
         if not isinstance(obj, dict):
             return
+        self.model = _model_in(obj) or self.model
         kind = obj.get("type")
         if kind == "message_delta":  # Anthropic: cumulative counts; input fields optional
             usage = obj.get("usage")
@@ -429,6 +438,14 @@ def _usage_in(obj: dict[str, Any]) -> Usage | None:
     if "input_tokens" in usage or "output_tokens" in usage:
         return Usage(_anthropic_prompt(usage), _int(usage.get("output_tokens")) or 0)
     return None
+
+
+def _model_in(obj: dict[str, Any]) -> str | None:
+    model = obj.get("model")
+    if not isinstance(model, str):
+        inner = obj.get("response") or obj.get("message")  # Responses event, Anthropic start
+        model = inner.get("model") if isinstance(inner, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 def _anthropic_prompt(usage: dict[str, Any]) -> int:

@@ -221,3 +221,30 @@ async def test_a_body_that_is_not_json_reserves_nothing_and_pays_what_is_reporte
     body = orjson.dumps({"text": "hi", "usage": {"input_tokens": 9, "output_tokens": 1}})
     await drain(ledger.watch(Response(200, Headers(), chunks(body))))
     assert level(limiter) == 10_000 - 10
+
+
+async def test_the_model_that_answered_is_read_from_the_response_not_the_request() -> None:
+    ex = exchange()
+    prices = {"m": Price.model_validate({"input_per_mtok": 1e6, "output_per_mtok": 1e6})}
+    ledger = ledger_for(ex, prices=prices)
+    body = orjson.dumps(
+        {"model": "m-2024-07-18", "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+    )
+    await drain(ledger.watch(Response(200, Headers(), chunks(body))))
+    assert ex.model == "m-2024-07-18"  # no estimate was needed to learn it
+    assert ex.cost_usd == pytest.approx(3.0)  # priced by the longest price-name prefix
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"model": "gpt-x", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+        {"type": "message_start", "message": {"model": "gpt-x", "usage": {"input_tokens": 1}}},
+    ],
+)
+async def test_stream_usage_records_name_the_model(record: dict[str, Any]) -> None:
+    ex = exchange({**CHAT, "stream": True})
+    ledger = ledger_for(ex)
+    headers = Headers([("content-type", "text/event-stream")])
+    await drain(ledger.watch(Response(200, headers, chunks(sse(record)))))
+    assert ex.model == "gpt-x" and ex.tokens is not None
