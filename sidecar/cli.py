@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "fake-upstream", help="run the fake LLM upstream (tests, benchmarks, demo)", add_help=False
     )
+    status = sub.add_parser("status", help="print a running sidecar's upstreams as a table")
+    status.add_argument(
+        "--admin",
+        default=os.environ.get("LLM_SIDECAR_ADMIN", "http://127.0.0.1:9901"),
+        help="admin URL of the sidecar (default http://127.0.0.1:9901, or $LLM_SIDECAR_ADMIN)",
+    )
+    status.add_argument("--json", action="store_true", help="print the raw GET /stats report")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    from sidecar import demo
+
+    demo.build_parser(
+        sub.add_parser(
+            "demo", help="watch a breaker open, fail fast, fall back and close (fake upstreams)"
+        )
+    )
     return parser
 
 
@@ -132,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return cmd_check_config(args)
+    if args.command == "status":
+        from sidecar.admin.stats import status_command
+
+        return status_command(args.admin, as_json=args.json, watch=args.watch)
+    if args.command == "demo":
+        from sidecar import demo
+
+        return demo.main(args)
     if args.command == "gen-ca":
         from sidecar.egress.ca import gen_ca_command
 

@@ -309,3 +309,34 @@ def table(report: Mapping[str, Any]) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
+
+
+def status_command(admin: str, as_json: bool = False, watch: float | None = None) -> int:
+    """``llm-sidecar status``: fetch ``GET /stats`` from a running sidecar and print it."""
+    import json
+    import sys
+    import urllib.error
+    import urllib.request
+
+    url = admin.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/stats", timeout=5) as response:  # noqa: S310
+                report = json.load(response)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"llm-sidecar status: cannot reach {url}/stats: {exc}", file=sys.stderr)
+            return 1
+        if as_json:
+            print(json.dumps(report, indent=2))
+        else:
+            if watch:
+                print("\033[H\033[2J", end="")  # clear the terminal between refreshes
+            print(table(report), flush=True)
+        if not watch:
+            return 0
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return 0
