@@ -244,7 +244,7 @@ class Ledger:
         status = response.status
         headers = response.headers
         if ERROR_HEADER in headers or status >= 400:
-            self.settle(status, None, made_here=ERROR_HEADER in headers)
+            self.settle(status, None, sent=self.exchange.upstream_started is not None)
             return response
         encoding = (headers.get("content-encoding") or "identity").strip().lower()
         reader: _SseUsage | _JsonUsage | None = None
@@ -268,20 +268,21 @@ class Ledger:
         usage: Usage | None,
         *,
         completed: bool = True,
-        made_here: bool = False,
+        sent: bool = True,
         model: str | None = None,
     ) -> None:
         """Settle every lease with the real usage, then price, spend and report it (once).
 
         Without usage the estimate stays charged (the safe side), except for a refused
-        request: made here (everything given back) or an error status (no tokens billed). A
-        body cut short keeps at least its estimate: the provider bills what it generated.
+        request: never sent to any upstream (everything given back, the request too) or
+        answered with an error status (no tokens billed). A body cut short keeps at least its
+        estimate: the provider bills what it generated.
         """
         if self._settled:
             return
         self._settled = True
         for lease in self.leases:
-            if made_here:
+            if not sent:
                 lease.cancel()
             elif usage is not None:
                 lease.reconcile(usage.total if completed else max(usage.total, lease.tokens))

@@ -120,6 +120,29 @@ async def test_openai_sdk_gets_429_with_retry_after_and_headers_then_retries_to_
     )
 
 
+async def test_openai_sdk_retries_until_the_token_bucket_refills(
+    make_sidecar: SidecarFactory, fake: FakeUpstream
+):
+    # 100 tokens a second, 60 at most; each request reserves ~57 (max_tokens 50) and uses 52.
+    limits = {"tokens": {"per_min": 6000, "burst": 60}}
+    sidecar = await make_sidecar(with_limits(fake.url, route=limits))
+    async with openai.AsyncOpenAI(
+        base_url=proxy_url(sidecar) + "/openai/v1", api_key="sk-x", max_retries=2
+    ) as client:
+        request = {**CHAT, "max_tokens": 50, "extra_headers": {"x-fake-chunks": "50"}}
+        first = await client.chat.completions.create(**request)
+        assert first.usage is not None and first.usage.total_tokens == 52
+        await idle(sidecar)  # 8 tokens left: the next reservation must wait for the refill
+        started = time.monotonic()
+        raw = await client.chat.completions.with_raw_response.create(**request)
+        elapsed = time.monotonic() - started
+    assert raw.parse().usage is not None
+    assert 0.9 <= elapsed < 5, elapsed
+    assert fake.last_request is not None
+    assert fake.last_request.headers["x-stainless-retry-count"] == "1"
+    assert 'limit="tokens",scope="route:/openai"} 1.0' in metrics(sidecar)
+
+
 async def test_anthropic_route_refuses_in_anthropic_shape(
     make_sidecar: SidecarFactory, fake: FakeUpstream
 ):
@@ -134,6 +157,27 @@ async def test_anthropic_route_refuses_in_anthropic_shape(
     status, headers, raw = await post(sidecar, body, "/anthropic/v1/messages")
     assert status == 429 and int(headers["retry-after"]) >= 59
     assert orjson.loads(raw)["error"]["type"] == "rate_limit_error"
+
+
+async def test_a_refusal_at_the_upstream_scope_costs_the_route_and_tenant_nothing(
+    make_sidecar: SidecarFactory, fake: FakeUpstream
+):
+    config = with_limits(
+        fake.url,
+        route={"requests": {"per_min": 1, "burst": 10}, **STILL_TOKENS},
+        upstream={"requests": {"per_min": 1}},
+        tenants={"default": {"limits": {"requests": {"per_min": 1, "burst": 10}}}},
+    )
+    sidecar = await make_sidecar(config)
+    assert (await post(sidecar))[0] == 200
+    await idle(sidecar)
+    used = 100_000 - token_level(sidecar)
+    status, headers, _ = await post(sidecar, {**CHAT, "max_tokens": 5000})
+    assert status == 429 and headers["x-ratelimit-limit-requests"] == "1"  # the upstream's
+    await idle(sidecar)
+    for key in ("route:/openai", "tenant:default"):
+        assert scope(sidecar, key)["requests"]["level"] == pytest.approx(9, abs=0.01)
+    assert token_level(sidecar) == pytest.approx(100_000 - used, abs=0.01)
 
 
 # -- queue mode: FIFO, bounded queue, bounded wait ------------------------------------------

@@ -199,7 +199,7 @@ def test_settle_rules_for_refusals_errors_and_cut_streams() -> None:
 
     from sidecar.policies.usage import Usage
 
-    made_here = settled(status=429, usage=None, made_here=True).snapshot()
+    made_here = settled(status=429, usage=None, sent=False).snapshot()
     assert made_here["tokens"]["level"] == 10_000 and made_here["requests"]["level"] == 10  # type: ignore[index]
     error = settled(status=500, usage=None).snapshot()
     assert error["tokens"]["level"] == 10_000 and error["requests"]["level"] == 9  # type: ignore[index]
