@@ -336,7 +336,7 @@ async def test_openai_stream_injected_usage_is_counted_and_hidden_from_the_clien
         )
         chunks = [chunk async for chunk in stream]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.total_tokens == hidden
+    assert chunks[-1].usage.total_tokens == pytest.approx(hidden, abs=0.5)  # the bucket refills
     await wait_for(lambda: token_level(sidecar) == pytest.approx(100_000 - 2 * hidden, abs=1))
 
 
