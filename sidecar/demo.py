@@ -45,7 +45,8 @@ def demo_config(primary: str, backup: str, claude: str, opts: argparse.Namespace
             "backup": {
                 "url": backup,
                 "breaker": breaker,
-                "limits": {"requests": {"per_min": max(60, int(opts.rate * 60 * 1.5))}},
+                # A concurrency limit in queue mode: its fill moves with the load on the card.
+                "limits": {"max_in_flight": 4, "on_limit": "queue"},
             },
             "claude": {"url": claude, "api": "anthropic", "breaker": breaker},
         },

@@ -6,6 +6,8 @@ response it records the time to first token (``exchange.ttft``: request received
 body chunk, the moment a token can reach the client); when the audit log asks for bodies it
 keeps the first :data:`CAPTURE_BYTES` of the response in ``exchange.attrs["response_body"]``.
 Responses that need neither pass through unwrapped, so a plain JSON request pays nothing.
+When no policy has named the request's model, it reads it from the body (LLM calls only), so
+metrics, the access log and the audit trail always say which model was asked for.
 
 :class:`AttemptStage` is outermost in the upstream tier and emits one
 :class:`~sidecar.events.UpstreamAttempted` per try.
@@ -17,9 +19,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import orjson
+
 from sidecar.events import UpstreamAttempted
 from sidecar.exchange import Exchange
-from sidecar.http.message import Response
+from sidecar.genai import operation_of
+from sidecar.http.message import Request, Response
 from sidecar.policies.breaker import CircuitOpen
 from sidecar.replies import ERROR_HEADER
 
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
     from sidecar.runtime import RouteRuntime, UpstreamRuntime
 
 CAPTURE_BYTES = 256 * 1024  # response bytes kept for an audit record with include_bodies
+MODEL_SCAN_BYTES = 4 * 1024 * 1024  # larger bodies are not parsed just to name the model
 
 
 class ObserveStage:
@@ -38,6 +44,8 @@ class ObserveStage:
 
     async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
         response = await call_next(exchange)
+        if exchange.model is None:  # no policy needed it: name it for metrics and logs
+            exchange.model = _model_of(exchange.request)
         stream = 200 <= response.status < 300 and (
             response.headers.get("content-type") or ""
         ).startswith("text/event-stream")
@@ -45,6 +53,21 @@ class ObserveStage:
         if stream or capture:
             response.body = ObservedBody(response.body, exchange, stream, capture)
         return response
+
+
+def _model_of(request: Request) -> str | None:
+    """The top-level ``model`` of an LLM call's JSON body (bodies up to MODEL_SCAN_BYTES)."""
+    body = request.body
+    if not body or body[:1] != b"{" or len(body) > MODEL_SCAN_BYTES:
+        return None
+    if operation_of(request.path) is None:
+        return None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and model else None
 
 
 def _wants_bodies(exchange: Exchange) -> bool:

@@ -179,8 +179,7 @@ async def test_label_values_are_bounded(make_sidecar: SidecarFactory, fake):
         labels["gen_ai_request_model"]
         for labels, _ in found["gen_ai_server_request_duration_seconds_count"]
     }
-    if models != {""}:  # models are labelled once something records exchange.model
-        assert len(models) <= MAX_MODELS + 1 and "other" in models
+    assert len(models) == MAX_MODELS + 1 and "other" in models and "model-0" in models
     routes = {labels["route"] for labels, _ in found["llm_sidecar_requests_total"]}
     assert routes == {"/openai", "none"}
     for name, series in found.items():
