@@ -18,6 +18,7 @@ one of the two lists below.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -45,19 +46,22 @@ def compose(stages: Sequence[Stage], terminal: Handler) -> Handler:
 
 
 def _bind(stage: Stage, call_next: Handler) -> Handler:
-    async def handler(exchange: Exchange) -> Response:
-        return await stage(exchange, call_next)
-
-    return handler
+    # A partial, not a wrapper coroutine: one coroutine frame per stage per request, not two.
+    return functools.partial(stage.__call__, call_next=call_next)
 
 
 def route_stages(route: RouteRuntime) -> list[Stage]:
     """Route tier, outermost first."""
     from sidecar.policies.accounting import AccountingStage
+    from sidecar.policies.keepalive import KeepaliveStage
     from sidecar.policies.observe import ObserveStage
     from sidecar.policies.tenancy import TenantStage
 
-    return [ObserveStage(route), TenantStage(route), AccountingStage(route)]
+    stages: list[Stage] = [ObserveStage(route)]
+    if route.config.stream.keepalive_s is not None:
+        stages.append(KeepaliveStage(route))
+    stages += [TenantStage(route), AccountingStage(route)]
+    return stages
 
 
 def upstream_stages(upstream: UpstreamRuntime) -> list[Stage]:

@@ -297,3 +297,24 @@ async def _metrics(sidecar) -> str:
     async with aiohttp.ClientSession() as session:
         async with session.get(admin_url(sidecar) + "/metrics") as response:
             return await response.text()
+
+
+async def test_sse_keepalive_comments_while_waiting_for_a_slow_token(
+    make_sidecar: SidecarFactory, fake: FakeUpstream
+):
+    sidecar = await make_sidecar(
+        config(
+            [{"path_prefix": "/openai", "upstreams": ["fake"], "stream": {"keepalive_s": 0.1}}],
+            fake={"url": fake.url},
+        )
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            proxy_url(sidecar) + "/openai/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={"x-fake-stall-ms": "550", "x-fake-chunks": "2"},
+        ) as response:
+            body = await response.read()
+    assert body.startswith(b": keep-alive\n\n")
+    assert 3 <= body.count(b": keep-alive") <= 7
+    assert body.rstrip().endswith(b"data: [DONE]")
