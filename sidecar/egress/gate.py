@@ -15,10 +15,10 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sidecar.config.model import Route, Upstream
 from sidecar.egress.connect import Tunnels
-from sidecar.egress.intercept import CertificateAuthority
 from sidecar.egress.policy import EgressDenied, EgressPolicy
 from sidecar.egress.target import ProxyTarget, parse_absolute
 from sidecar.events import EgressRefused, EventBus
@@ -29,6 +29,9 @@ from sidecar.runtime import RouteRuntime, Snapshot, UpstreamRuntime
 from sidecar.upstream.errors import UpstreamError
 from sidecar.upstream.pool import ConnectionPool, make_origin
 from sidecar.upstream.resolver import Resolver
+
+if TYPE_CHECKING:
+    from sidecar.egress.intercept import CertificateAuthority
 
 log = logging.getLogger("sidecar.egress")
 
@@ -75,6 +78,9 @@ class EgressGate:
         intercept = snapshot.config.intercept
         paths = (intercept.ca_cert or "", intercept.ca_key or "")
         if self._ca is None or self._ca[0] != paths:
+            # Imported here: cryptography's x509 costs ~7 MB of RSS that only interception needs.
+            from sidecar.egress.intercept import CertificateAuthority
+
             self._ca = (paths, CertificateAuthority.from_files(*paths))
         return self._ca[1]
 
