@@ -169,24 +169,41 @@ class RotatingFile:
         self._size = 0
         self._regular = False
 
-    def write(self, data: bytes, settings: Audit) -> None:
-        """Append ``data`` (whole lines), rotating first if it would pass ``max_bytes``."""
+    def write(self, lines: list[bytes], settings: Audit) -> None:
+        """Append whole ``lines``, rotating before one would take the file past ``max_bytes``.
+
+        A file holds at most ``max_bytes`` unless a single line is longer; a line is never
+        split. Consecutive lines that fit go out in one write.
+        """
         assert settings.path is not None
         if self._path != settings.path:
             self.close()
         if self._file is None:
             self._open(settings.path)
-        if self._regular and self._size and self._size + len(data) > settings.max_bytes:
-            self._rotate(settings)
+        group: list[bytes] = []
+        pending = 0
+        for line in lines:
+            size = self._size + pending
+            if self._regular and size and size + len(line) > settings.max_bytes:
+                self._append(group, pending)
+                group, pending = [], 0
+                self._rotate(settings)
+            group.append(line)
+            pending += len(line)
+        self._append(group, pending)
+
+    def _append(self, group: list[bytes], size: int) -> None:
+        if not group:
+            return
         file = self._file
         assert file is not None
         try:
-            file.write(data)
+            file.write(b"".join(group))
             file.flush()
         except BaseException:
             self.close()  # reopen (and re-measure) on the next batch
             raise
-        self._size += len(data)
+        self._size += size
 
     def close(self) -> None:
         file, self._file, self._path = self._file, None, None
@@ -288,7 +305,7 @@ class AuditLog:
             return
         started = time.monotonic()
         try:
-            await asyncio.to_thread(self._file.write, b"".join(batch), settings)
+            await asyncio.to_thread(self._file.write, batch, settings)
         except Exception as exc:  # disk full, I/O error, a broken path: count it, keep serving
             self.write_errors += 1
             self.lost += len(batch)

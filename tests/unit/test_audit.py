@@ -120,7 +120,7 @@ def test_rotation_keeps_whole_lines_and_at_most_backups_files(tmp_path):
     file = RotatingFile()
     line = orjson.dumps({"n": "x" * 90}) + b"\n"
     for _ in range(45):
-        file.write(line, settings(path))
+        file.write([line], settings(path))
     file.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["audit.log", "audit.log.1", "audit.log.2"]
@@ -132,11 +132,22 @@ def test_rotation_keeps_whole_lines_and_at_most_backups_files(tmp_path):
     assert (tmp_path / "audit.log.1").stat().st_size == full
 
 
+def test_a_batch_larger_than_max_bytes_is_split_between_files_by_line(tmp_path):
+    path = tmp_path / "audit.log"
+    file = RotatingFile()
+    line = b"m" * 299 + b"\n"
+    file.write([line] * 10, settings(path, backups=3))  # 3000 bytes in one batch
+    file.close()
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    # Three 300-byte lines fit in 1024: the ten lines fill three files, the last holds one.
+    assert sizes == {"audit.log": 300, "audit.log.1": 900, "audit.log.2": 900, "audit.log.3": 900}
+
+
 def test_rotation_with_no_backups_truncates(tmp_path):
     path = tmp_path / "audit.log"
     file = RotatingFile()
     for _ in range(15):
-        file.write(b"z" * 99 + b"\n", settings(path, backups=0))
+        file.write([b"z" * 99 + b"\n"], settings(path, backups=0))
     file.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log"]
     assert path.stat().st_size == 500
@@ -146,7 +157,7 @@ def test_a_restart_appends_and_measures_the_existing_file(tmp_path):
     path = tmp_path / "audit.log"
     path.write_bytes(b"a" * 1000 + b"\n")
     file = RotatingFile()
-    file.write(b"b" * 99 + b"\n", settings(path))
+    file.write([b"b" * 99 + b"\n"], settings(path))
     file.close()
     assert (tmp_path / "audit.log.1").stat().st_size == 1001
     assert path.read_bytes() == b"b" * 99 + b"\n"
@@ -157,7 +168,7 @@ def test_devices_are_never_rotated(tmp_path):
     link.symlink_to("/dev/null")
     file = RotatingFile()
     for _ in range(30):
-        file.write(b"q" * 99 + b"\n", settings(link))
+        file.write([b"q" * 99 + b"\n"], settings(link))
     file.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log"]
     assert link.is_symlink() and os.path.exists("/dev/null")
