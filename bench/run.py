@@ -803,7 +803,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(
         "RSS growth over the soak",
         None if slope is None else f"{slope:+.3f} MB/min over {results['soak']['seconds']:.0f} s",
-        "no growth (|slope| < 0.1 MB/min)",
+        "no growth (abs(slope) < 0.1 MB/min)",
         None if slope is None else abs(slope) < 0.1,
         "" if slope is not None else "run with --soak 300",
     )
@@ -826,75 +826,76 @@ def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = []
     names = [n for n in ("direct", "nginx", "minimal", "sidecar-off", "sidecar") if n in t]
-    lines += [
-        "**Non-streaming chat completions** (wrk, 1 thread, "
-        f"{s['duration']:g} s per point; overhead = through-proxy minus direct)",
-        "",
-        "| target | conns | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | CPU s/1k req |"
-        " RSS peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in names:
-        for conns in s["concurrency"]:
-            run = _get(t, name, "wrk", str(conns))
-            if run is None:
+    if names:
+        lines += [
+            "**Non-streaming chat completions** (wrk, 1 thread, "
+            f"{s['duration']:g} s per point; overhead = through-proxy minus direct)",
+            "",
+            "| target | conns | req/s | p50 ms | p99 ms | +p50 ms | +p99 ms | CPU s/1k req |"
+            " RSS peak MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in names:
+            for conns in s["concurrency"]:
+                run = _get(t, name, "wrk", str(conns))
+                if run is None:
+                    continue
+                base = _get(t, "direct", "wrk", str(conns))
+                dp50 = run["p50_ms"] - base["p50_ms"] if base and name != "direct" else None
+                dp99 = run["p99_ms"] - base["p99_ms"] if base and name != "direct" else None
+                lines.append(
+                    f"| {name} | {conns} | {run['rps']:,.0f} | {run['p50_ms']:.3f} | "
+                    f"{run['p99_ms']:.3f} | {_f(dp50)} | {_f(dp99)} | "
+                    f"{_f(run.get('cpu_s_per_1k'))} | {_f(run.get('rss_peak_mb'), '.1f')} |"
+                )
+        lines += [
+            "",
+            f"**Streaming** (SSE, {s['stream_chunks']} chunks "
+            f"{s['stream_interval_ms']:g} ms apart, concurrency 1; TTFB over "
+            f"{s['ttfb_requests']} short streams; open streams: {s['open_streams']} at once, "
+            f"{s['open_chunks']} chunks {s['open_interval_ms']:g} ms apart)",
+            "",
+            "| target | TTFB p50 µs | +TTFB µs | chunk delay p50 µs | +chunk µs | "
+            "chunk delay p99 µs | one event per chunk | pacing jitter p50 µs | "
+            "open streams complete | RSS MB | CPU % |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        d_ttfb = _get(t, "direct", "stream", "ttfb_us", "p50")
+        d_chunk = _get(t, "direct", "stream", "chunk_delay_us", "p50")
+        for name in names:
+            st = _get(t, name, "stream")
+            if st is None:
                 continue
-            base = _get(t, "direct", "wrk", str(conns))
-            dp50 = run["p50_ms"] - base["p50_ms"] if base and name != "direct" else None
-            dp99 = run["p99_ms"] - base["p99_ms"] if base and name != "direct" else None
+            op = _get(t, name, "open") or {}
+            ttfb, chunk = st["ttfb_us"]["p50"], st["chunk_delay_us"]["p50"]
+            dt = ttfb - d_ttfb if d_ttfb is not None and name != "direct" else None
+            dc = chunk - d_chunk if d_chunk is not None and name != "direct" else None
+            done = f"{op['streams_complete']}/{op['streams']}" if op else "–"
             lines.append(
-                f"| {name} | {conns} | {run['rps']:,.0f} | {run['p50_ms']:.3f} | "
-                f"{run['p99_ms']:.3f} | {_f(dp50)} | {_f(dp99)} | "
-                f"{_f(run.get('cpu_s_per_1k'))} | {_f(run.get('rss_peak_mb'), '.1f')} |"
+                f"| {name} | {ttfb:.0f} | {_f(dt, '.0f')} | {chunk:.0f} | {_f(dc, '.0f')} | "
+                f"{st['chunk_delay_us']['p99']:.0f} | {st['boundaries_ok']} | "
+                f"{st['pacing_jitter_us']['p50']:.0f} | {done} | "
+                f"{_f(op.get('proxy_rss_peak_mb'), '.1f')} | "
+                f"{_f(op.get('proxy_cpu_pct'), '.0f')} |"
             )
-    lines += [
-        "",
-        f"**Streaming** (SSE, {s['stream_chunks']} chunks "
-        f"{s['stream_interval_ms']:g} ms apart, concurrency 1; TTFB over "
-        f"{s['ttfb_requests']} short streams; open streams: {s['open_streams']} at once, "
-        f"{s['open_chunks']} chunks {s['open_interval_ms']:g} ms apart)",
-        "",
-        "| target | TTFB p50 µs | +TTFB µs | chunk delay p50 µs | +chunk µs | "
-        "chunk delay p99 µs | one event per chunk | pacing jitter p50 µs | "
-        "open streams complete | RSS MB | CPU % |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    d_ttfb = _get(t, "direct", "stream", "ttfb_us", "p50")
-    d_chunk = _get(t, "direct", "stream", "chunk_delay_us", "p50")
-    for name in names:
-        st = _get(t, name, "stream")
-        if st is None:
-            continue
-        op = _get(t, name, "open") or {}
-        ttfb, chunk = st["ttfb_us"]["p50"], st["chunk_delay_us"]["p50"]
-        dt = ttfb - d_ttfb if d_ttfb is not None and name != "direct" else None
-        dc = chunk - d_chunk if d_chunk is not None and name != "direct" else None
-        done = f"{op['streams_complete']}/{op['streams']}" if op else "–"
-        lines.append(
-            f"| {name} | {ttfb:.0f} | {_f(dt, '.0f')} | {chunk:.0f} | {_f(dc, '.0f')} | "
-            f"{st['chunk_delay_us']['p99']:.0f} | {st['boundaries_ok']} | "
-            f"{st['pacing_jitter_us']['p50']:.0f} | {done} | "
-            f"{_f(op.get('proxy_rss_peak_mb'), '.1f')} | "
-            f"{_f(op.get('proxy_cpu_pct'), '.0f')} |"
-        )
-    lines += [
-        "",
-        "**Memory (RSS MB)**",
-        "",
-        "| target | at start | peak under load | idle after load | with open streams |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for name in names:
-        if name == "direct":
-            continue
-        peak = max(
-            (r.get("rss_peak_mb") or 0 for r in t[name].get("wrk", {}).values()), default=None
-        )
-        lines.append(
-            f"| {name} | {_f(t[name].get('rss_start_mb'), '.1f')} | {_f(peak, '.1f')} | "
-            f"{_f(t[name].get('rss_idle_after_load_mb'), '.1f')} | "
-            f"{_f(_get(t, name, 'open', 'proxy_rss_peak_mb'), '.1f')} |"
-        )
+        lines += [
+            "",
+            "**Memory (RSS MB)**",
+            "",
+            "| target | at start | peak under load | idle after load | with open streams |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in names:
+            if name == "direct":
+                continue
+            peak = max(
+                (r.get("rss_peak_mb") or 0 for r in t[name].get("wrk", {}).values()), default=None
+            )
+            lines.append(
+                f"| {name} | {_f(t[name].get('rss_start_mb'), '.1f')} | {_f(peak, '.1f')} | "
+                f"{_f(t[name].get('rss_idle_after_load_mb'), '.1f')} | "
+                f"{_f(_get(t, name, 'open', 'proxy_rss_peak_mb'), '.1f')} |"
+            )
     if results.get("policy_cost"):
         rows = results["policy_cost"]
         same = len({row["stages"] for row in rows}) == 1
@@ -926,6 +927,8 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for row in results["evaluation"]:
+        if row["met"] is None and not t:
+            continue  # a soak- or profile-only run: only its own rows
         verdict = {True: "met", False: "**missed**", None: "not measured"}[row["met"]]
         note = f" ({row['note']})" if row["note"] else ""
         lines.append(
@@ -1058,20 +1061,22 @@ def machine_info(nginx: str | None, ref: str | None) -> dict[str, Any]:
     }
 
 
-def update_docs(md: str, png: Path, command: str, machine: dict[str, Any], started: str) -> None:
+def update_docs(
+    md: str, png: Path | None, command: str, machine: dict[str, Any], started: str, block: str
+) -> None:
     doc = ROOT / "docs" / "PERFORMANCE.md"
     text = doc.read_text()
-    begin, end = "<!-- BEGIN BENCH RESULTS -->", "<!-- END BENCH RESULTS -->"
+    begin, end = f"<!-- BEGIN {block} -->", f"<!-- END {block} -->"
     if begin not in text or end not in text:
         print(f"note: {doc} has no {begin} block; not updated")
         return
-    rel = os.path.relpath(png, doc.parent)
+    plot = f"\n\n![benchmark plot]({os.path.relpath(png, doc.parent)})" if png else ""
     head = (
         f"Run {started[:16]} UTC with `{command}` on {machine['cpu']}, {machine['cores']} "
         f"cores, {machine['mem_gb']} GB, {machine['os']}, kernel {machine['kernel']}, "
         f"Python {machine['python']}, uvloop {machine['uvloop']}, httptools "
         f"{machine['httptools']}, {machine['wrk']}, {machine['nginx'] or 'no nginx'}; "
-        f"commit {machine['commit']}.\n\n![benchmark plot]({rel})\n\n"
+        f"commit {machine['commit']}.{plot}\n\n"
     )
     before, rest = text.split(begin, 1)
     after = rest.split(end, 1)[1]
@@ -1203,8 +1208,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="write the tables and plot link into docs/PERFORMANCE.md",
     )
+    parser.add_argument(
+        "--docs-block",
+        default="BENCH RESULTS",
+        help="name of the <!-- BEGIN/END NAME --> block that --update-docs replaces",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: re-render tables, plot and docs from a saved latest.json",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        return render(json.loads(args.render.read_text()), args)
     if shutil.which("wrk") is None:
         print("bench needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
@@ -1276,6 +1294,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             results["profile"] = profile(ps, s, up_port, args.profile, args.out)
     results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
+    return render(results, args)
+
+
+def render(results: dict[str, Any], args: argparse.Namespace) -> int:
+    """Evaluate the targets, print and write the tables, the plot, the JSON and the docs."""
+    command, started = results["command"], results["started"]
+    args.out.mkdir(parents=True, exist_ok=True)
     results["evaluation"] = evaluate(results)
     md = markdown(results)
     print("\n" + md)
@@ -1288,7 +1313,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (args.out / "latest.md").write_text(md)
     if args.update_docs:
-        update_docs(md, png, command, results["machine"], started)
+        has_plot = png.exists() and not args.no_plot and bool(results["targets"])
+        update_docs(
+            md, png if has_plot else None, command, results["machine"], started, args.docs_block
+        )
     print(
         f"wrote {args.out}/latest.json, latest.md"
         + ("" if args.no_plot else ", latest.png")
