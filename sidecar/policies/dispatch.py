@@ -177,6 +177,9 @@ class Dispatcher:
 
     def _finish(self, exchange: Exchange, response: Response) -> Response:
         assert exchange.upstream is not None
+        # The chosen attempt stays in flight until its body has been relayed to the end.
+        exchange.upstream.inflight += 1
+        exchange.on_finish(_inflight_done)
         response.headers.set("x-llm-sidecar-upstream", exchange.upstream.name)
         response.headers.set("x-llm-sidecar-attempts", str(exchange.attempts))
         return response
@@ -230,6 +233,11 @@ class Dispatcher:
             should_retry=False if hint else None,
             extra=extra,
         )
+
+
+def _inflight_done(exchange: Exchange) -> None:
+    if exchange.upstream is not None:
+        exchange.upstream.inflight -= 1
 
 
 def _model_of(body: bytes) -> str | None:

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from sidecar.fakeupstream import FakeUpstream, FakeUpstreamSettings
-from tests.conftest import SidecarFactory, admin_url, proxy_url
+from tests.conftest import SidecarFactory, admin_url, proxy_url, wait_for
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -318,3 +318,22 @@ async def test_sse_keepalive_comments_while_waiting_for_a_slow_token(
     assert body.startswith(b": keep-alive\n\n")
     assert 3 <= body.count(b": keep-alive") <= 7
     assert body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_a_stream_counts_in_flight_until_its_last_byte(
+    make_sidecar: SidecarFactory, fake: FakeUpstream
+):
+    sidecar = await make_sidecar(
+        config([{"path_prefix": "/openai", "upstreams": ["fake"]}], fake={"url": fake.url})
+    )
+    upstream = sidecar.snapshot.upstreams["fake"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            proxy_url(sidecar) + "/openai/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers={"x-fake-chunks": "5", "x-fake-chunk-interval-ms": "100"},
+        ) as response:
+            await response.content.readline()
+            assert upstream.inflight == 1
+            await response.read()
+    await wait_for(lambda: upstream.inflight == 0, message="in-flight back to zero")
