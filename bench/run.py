@@ -1106,6 +1106,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             open_chunks=10,
             open_interval_ms=20,
             policy_duration=1,
+            retries=0,  # the smoke test checks that it works, not the numbers
             **{**common, "wait_quiet": 0},
         )
     return Settings(
