@@ -98,6 +98,16 @@ class Exchange:
                     errors.append(exc)
         return errors
 
+    def close(self) -> None:
+        """Drop what policies hung on the exchange once everyone has seen it.
+
+        Callbacks and attrs often point back at the exchange (closures, ledgers); clearing them
+        breaks those cycles so the request is freed by reference counting, not by the cyclic
+        GC, which otherwise did a tenth of the proxy's CPU work.
+        """
+        self._on_finish = None
+        self.attrs = {}
+
     @property
     def route_label(self) -> str:
         return self.route.label if self.route is not None else "none"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -46,12 +47,11 @@ class Proxy(ConnectionHandler):
         target: ProxyTarget | None = None,
     ) -> bool:
         """Answer one request; ``target`` is the origin of an intercepted tunnel it came in."""
-        loop = asyncio.get_running_loop()
         request_id = request.headers.get("x-request-id")
         if not request_id:
             request_id = new_request_id()
             request.headers.add("x-request-id", request_id)
-        exchange = Exchange(request, request_id, client, loop.time())
+        exchange = Exchange(request, request_id, client, time.monotonic())
         snapshot = exchange.snapshot = self._current()
         keep = True
         self.inflight += 1
@@ -91,10 +91,11 @@ class Proxy(ConnectionHandler):
             keep = False
         finally:
             self.inflight -= 1
-            exchange.finished = loop.time()
+            exchange.finished = time.monotonic()
             for error in exchange.run_finish_callbacks():
                 log.error("finish callback failed for %s: %r", request_id, error)
             self._events.emit(RequestFinished(exchange))
+            exchange.close()
         return keep
 
     async def tunnel(self, request: Request, conn: ClientConnection, leftover: bytes) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ log = logging.getLogger("sidecar.http")
 
 NO_BODY_STATUSES = frozenset({204, 304})
 MAX_PIPELINED = 16
+WRITE_HIGH_WATER = 64 * 1024  # drain() only above this many unsent bytes
 
 
 @dataclass(slots=True)
@@ -78,7 +79,8 @@ class ClientConnection:
         self.pending: deque[Request | Refusal] = deque()
         self.busy = False
         self.closed = False
-        self._wakeup: asyncio.Future[None] | None = None
+        self._wakeup: asyncio.Future[object] | None = None
+        self._loop = asyncio.get_running_loop()
         self._room: asyncio.Event = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
@@ -217,14 +219,16 @@ class ClientConnection:
         while not self.pending:
             if self.closed:
                 return None
-            self._wakeup = asyncio.get_running_loop().create_future()
+            wakeup = self._wakeup = self._loop.create_future()
+            # A plain timer rather than asyncio.timeout(): this runs once per keep-alive request.
+            timer = self._loop.call_later(self.limits.client_idle_s, _wake_idle, wakeup)
             try:
-                async with asyncio.timeout(self.limits.client_idle_s):
-                    await self._wakeup
-            except TimeoutError:
-                return None
+                await wakeup
             finally:
+                timer.cancel()
                 self._wakeup = None
+            if wakeup.result() is _IDLE and not self.pending:
+                return None
         item = self.pending.popleft()
         if not self._room.is_set() and len(self.pending) < MAX_PIPELINED // 2:
             self._room.set()
@@ -295,8 +299,15 @@ class ClientConnection:
         head.append("\r\n")
         sent = 0
         body = response.body
+        transport = writer.transport
+        encoded = "".join(head).encode("latin-1")
+        head_bytes: bytes | None = encoded
         try:
-            writer.write("".join(head).encode("latin-1"))
+            if no_body or chunked:
+                # Streams get their head at once; a sized body's head rides with its first
+                # chunk (one write instead of two: the body usually came with the head).
+                writer.write(encoded)
+                head_bytes = None
             if no_body:
                 await response.aclose()
                 await writer.drain()
@@ -308,9 +319,17 @@ class ClientConnection:
                     sent += len(chunk)
                     if chunked:
                         writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    elif head_bytes is not None:
+                        writer.write(head_bytes + chunk)
+                        head_bytes = None
                     else:
                         writer.write(chunk)
-                    await writer.drain()
+                    if transport.is_closing():
+                        raise ConnectionResetError("client connection closed")
+                    if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                        await writer.drain()  # backpressure: wait for a slow client
+                if head_bytes is not None:
+                    writer.write(head_bytes)  # an empty sized body
             except (ConnectionError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -329,6 +348,14 @@ class ClientConnection:
         if close:
             self.closed = True
         return sent
+
+
+_IDLE = object()  # the wake-up value that means "idle too long"
+
+
+def _wake_idle(wakeup: asyncio.Future[object]) -> None:
+    if not wakeup.done():
+        wakeup.set_result(_IDLE)
 
 
 def _reason(status: int) -> str:
@@ -394,4 +421,5 @@ class ProxyListener:
 
 
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    # 96 random bits; not os.urandom, which is a getrandom() syscall per request.
+    return f"{random.getrandbits(96):024x}"

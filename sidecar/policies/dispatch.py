@@ -15,6 +15,7 @@ import asyncio
 import fnmatch
 import random
 import re
+import time
 from typing import TYPE_CHECKING
 
 import orjson
@@ -105,7 +106,6 @@ class Dispatcher:
         targets = self._targets(exchange)
         may_retry = retry.non_idempotent or exchange.request.method in _IDEMPOTENT
         original_path = exchange.upstream_path
-        loop = asyncio.get_running_loop()
         budget = self.budget
         budget.active += 1
         retrying = False
@@ -126,7 +126,9 @@ class Dispatcher:
                     exchange.attempts += 1
                     tries += 1
                     if retry.per_try_timeout_s is not None:
-                        exchange.attrs["per_try_deadline"] = loop.time() + retry.per_try_timeout_s
+                        exchange.attrs["per_try_deadline"] = (
+                            time.monotonic() + retry.per_try_timeout_s
+                        )
                     upstream.inflight += 1
                     try:
                         response = await upstream.handler(exchange)

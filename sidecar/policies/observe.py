@@ -16,6 +16,7 @@ metrics, the access log and the audit trail always say which model was asked for
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,7 @@ class ObservedBody:
             return chunk
         exchange = self._exchange
         if self._stream and exchange.ttft is None:
-            exchange.ttft = asyncio.get_running_loop().time() - exchange.started
+            exchange.ttft = time.monotonic() - exchange.started
         parts = self._parts
         if parts is not None:
             kept = chunk[: self._room]

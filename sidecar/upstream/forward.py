@@ -7,7 +7,7 @@ response head arrives; the body streams from the connection as the client reads 
 
 from __future__ import annotations
 
-import asyncio
+import time
 from typing import TYPE_CHECKING
 
 from sidecar.exchange import Exchange
@@ -38,9 +38,8 @@ class Forwarder:
         request = exchange.request
         payload = request.body if exchange.upstream_body is None else exchange.upstream_body
         head = self._head(exchange, len(payload))
-        loop = asyncio.get_running_loop()
         timeouts = upstream.config.timeouts
-        now = loop.time()
+        now = time.monotonic()
         exchange.upstream_started = now
         first_byte_deadline = now + timeouts.first_byte_s
         per_try = exchange.attrs.get("per_try_deadline")
@@ -64,17 +63,16 @@ class Forwarder:
             break
         else:  # pragma: no cover - three stale connections in a row
             raise UpstreamError("reset", "upstream keeps closing pooled connections")
-        exchange.ttfb = loop.time() - exchange.started
+        exchange.ttfb = time.monotonic() - exchange.started
         headers = Headers(raw_headers).without_hop_by_hop()
         body = BodyStream(conn, timeouts.idle_s, total_deadline, self._releaser(exchange))
         return Response(status, headers, body, reason)
 
     def _releaser(self, exchange: Exchange) -> Release:
         pool = self.upstream.pool
-        loop = asyncio.get_running_loop()
 
         def release(conn: UpstreamConnection, reusable: bool) -> None:
-            exchange.upstream_ended = loop.time()
+            exchange.upstream_ended = time.monotonic()
             pool.release(conn, reusable)
 
         return release
