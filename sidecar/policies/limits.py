@@ -100,6 +100,8 @@ class LimitStage:
     async def _pace(self, exchange: Exchange, tokens: int) -> Response | None:
         """Wait until the provider should have room; a refusal if that is too far off."""
         assert self.pacer is not None
+        if self.pacer.admit(tokens) <= 0:
+            return None  # the common case: the provider has room (no loop look-up, no clock)
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self.max_wait_s

@@ -137,8 +137,9 @@ class AttemptStage:
 
     async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
         upstream = self.upstream
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # time.monotonic, not loop.time(): Python 3.11's get_running_loop() is a getpid()
+        # syscall, and this runs on every attempt.
+        started = time.monotonic()
         try:
             response = await call_next(exchange)
         except asyncio.CancelledError:
@@ -151,14 +152,18 @@ class AttemptStage:
                     exchange.route_label,
                     0,
                     kind if isinstance(kind, str) else "internal_error",
-                    loop.time() - started,
+                    time.monotonic() - started,
                 )
             )
             raise
         local = response.headers.get(ERROR_HEADER)  # a stage's own reply (a limit), not upstream's
         upstream.events.emit(
             UpstreamAttempted(
-                upstream.name, exchange.route_label, response.status, local, loop.time() - started
+                upstream.name,
+                exchange.route_label,
+                response.status,
+                local,
+                time.monotonic() - started,
             )
         )
         return response

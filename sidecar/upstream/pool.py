@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -99,7 +100,6 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Give a connection back after its exchange; not reusable means close it."""
-        loop_time = asyncio.get_running_loop().time()
         reusable = reusable and not self._closed and conn.is_usable()
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -113,14 +113,14 @@ class ConnectionPool:
             return
         self._busy -= 1
         if reusable and len(self._idle) < self.settings.max_idle:
-            conn.idle_since = loop_time
+            conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
             conn.close()
 
     def prune(self) -> None:
         """Close idle connections past keepalive_s or closed by the server."""
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         keep: deque[UpstreamConnection] = deque()
         for conn in self._idle:
             if conn.is_usable() and now - conn.idle_since < self.settings.keepalive_s:
@@ -142,7 +142,7 @@ class ConnectionPool:
         self._waiters.clear()
 
     def _take_idle(self) -> UpstreamConnection | None:
-        now = asyncio.get_running_loop().time()
+        now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()  # most recently used first: the likeliest to be alive
             if conn.is_usable() and now - conn.idle_since < self.settings.keepalive_s:
