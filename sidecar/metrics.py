@@ -9,6 +9,7 @@ capped (models, tenants), so cardinality is bounded by construction.
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -461,8 +462,6 @@ class Metrics:
             self.audit_write_errors.inc()
 
     def _on_reload(self, event: ConfigReloaded) -> None:
-        import time
-
         self.reloads.labels("success" if event.ok else "error").inc()
         if event.ok and event.text_hash:
             self.last_reload.set(time.time())

@@ -24,6 +24,7 @@ from sidecar.events import FellBack, Retried
 from sidecar.exchange import Exchange
 from sidecar.http.message import Response
 from sidecar.policies.breaker import CircuitOpen, parse_retry_after
+from sidecar.policies.usage import requested_model
 from sidecar.replies import local_reply
 from sidecar.upstream.errors import REPLY_KIND, UpstreamError
 
@@ -69,7 +70,7 @@ class Dispatcher:
     def _targets(self, exchange: Exchange) -> tuple[Target, ...]:
         route = self.route
         if self._needs_model and exchange.model is None:
-            exchange.model = _model_of(exchange.request.body)
+            exchange.model = requested_model(exchange.request.body)
         if exchange.model is not None:
             for pattern, targets in route.model_targets.items():
                 if fnmatch.fnmatchcase(exchange.model, pattern):
@@ -240,14 +241,3 @@ class Dispatcher:
 def _inflight_done(exchange: Exchange) -> None:
     if exchange.upstream is not None:
         exchange.upstream.inflight -= 1
-
-
-def _model_of(body: bytes) -> str | None:
-    if not body or body[:1] != b"{":
-        return None
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None

@@ -20,13 +20,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-import orjson
-
 from sidecar.events import UpstreamAttempted
 from sidecar.exchange import Exchange
 from sidecar.genai import operation_of
-from sidecar.http.message import Request, Response
+from sidecar.http.message import Response
 from sidecar.policies.breaker import CircuitOpen
+from sidecar.policies.usage import requested_model
 from sidecar.replies import ERROR_HEADER
 
 if TYPE_CHECKING:
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
     from sidecar.runtime import RouteRuntime, UpstreamRuntime
 
 CAPTURE_BYTES = 256 * 1024  # response bytes kept for an audit record with include_bodies
-MODEL_SCAN_BYTES = 4 * 1024 * 1024  # larger bodies are not parsed just to name the model
 
 
 class ObserveStage:
@@ -44,9 +42,10 @@ class ObserveStage:
         self.route = route
 
     async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
+        # Registered first, so it runs last: after accounting named the model from the
+        # response's own usage record, so a body is parsed for its model only when no one did.
+        exchange.on_finish(_name_model)
         response = await call_next(exchange)
-        if exchange.model is None:  # no policy needed it: name it for metrics and logs
-            exchange.model = _model_of(exchange.request)
         stream = 200 <= response.status < 300 and (
             response.headers.get("content-type") or ""
         ).startswith("text/event-stream")
@@ -56,19 +55,10 @@ class ObserveStage:
         return response
 
 
-def _model_of(request: Request) -> str | None:
-    """The top-level ``model`` of an LLM call's JSON body (bodies up to MODEL_SCAN_BYTES)."""
-    body = request.body
-    if not body or body[:1] != b"{" or len(body) > MODEL_SCAN_BYTES:
-        return None
-    if operation_of(request.path) is None:
-        return None
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) and model else None
+def _name_model(exchange: Exchange) -> None:
+    """Name the model of an LLM call for metrics and logs when no policy did."""
+    if exchange.model is None and operation_of(exchange.request.path) is not None:
+        exchange.model = requested_model(exchange.request.body)
 
 
 def _wants_bodies(exchange: Exchange) -> bool:

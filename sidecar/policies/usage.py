@@ -108,6 +108,22 @@ def usage_from_json(body: bytes) -> Usage | None:
     return usage_and_model_from_json(body)[0]
 
 
+MODEL_SCAN_BYTES = 4 * 1024 * 1024  # larger request bodies are not parsed just to name the model
+
+
+def requested_model(body: bytes) -> str | None:
+    """The top-level ``model`` of a JSON request body (None if absent, not JSON, or too big).
+
+    The one place a request body is read for its model: routing by model, the model rewrite,
+    and the model label of metrics and logs all go through here.
+    """
+    if not body or body[:1] != b"{" or len(body) > MODEL_SCAN_BYTES:
+        return None
+    obj = _loads(body)
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def usage_and_model_from_json(body: bytes) -> tuple[Usage | None, str | None]:
     """The usage of a JSON response and the model it names (the one that really answered)."""
     obj = _loads(body)
