@@ -20,11 +20,6 @@ E = TypeVar("E")
 
 
 @dataclass(frozen=True, slots=True)
-class RequestStarted:
-    exchange: Exchange
-
-
-@dataclass(frozen=True, slots=True)
 class RequestFinished:
     exchange: Exchange
 

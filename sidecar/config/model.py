@@ -8,7 +8,6 @@ ConfigMap is an error that names the key instead of a silently ignored setting.
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -272,13 +271,6 @@ class Route(Model):
     @property
     def label(self) -> str:
         return self.name or self.path_prefix or self.host or "route"
-
-    def targets_for(self, model: str | None) -> tuple[TargetSpec, ...]:
-        if model is not None:
-            for pattern, targets in self.models.items():
-                if fnmatch.fnmatchcase(model, pattern):
-                    return targets
-        return self.upstreams
 
 
 class Budget(Model):

@@ -42,9 +42,6 @@ class Headers:
                 return value
         return default
 
-    def get_all(self, name: str) -> list[str]:
-        return [value for key, value in self._items if key == name]
-
     def __contains__(self, name: object) -> bool:
         return any(key == name for key, _ in self._items)
 
@@ -62,9 +59,6 @@ class Headers:
 
     def items(self) -> list[tuple[str, str]]:
         return self._items
-
-    def copy(self) -> Headers:
-        return Headers(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
