@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from sidecar.fakeupstream import FakeUpstream
-from tests.conftest import SidecarFactory, base_config
+from tests.conftest import SidecarFactory, base_config, wait_for
 from tests.integration.rawhttp import exchange, read_responses
 
 
@@ -156,11 +156,9 @@ async def test_http10_client_gets_a_close_delimited_response(make_sidecar, fake)
     writer.close()
 
 
-async def test_upstream_closing_an_idle_pooled_connection_is_retried_transparently(
-    make_sidecar,
-):
-    # An upstream that answers keep-alive responses but closes each connection right after:
-    # the pooled connection is dead when reused, and the sidecar must retry on a fresh one.
+async def test_idle_pooled_connection_closed_by_the_upstream_is_not_reused(make_sidecar):
+    # The upstream closes each connection after its response: the sidecar sees the EOF while
+    # the connection is idle and opens a fresh one for the next request.
     accepted = 0
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -169,7 +167,36 @@ async def test_upstream_closing_an_idle_pooled_connection_is_retried_transparent
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
-        await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sidecar = await make_sidecar(base_config(f"http://127.0.0.1:{port}"))
+    host, proxy_port = sidecar.proxy_address
+    pool = sidecar.snapshot.upstreams["fake"].pool
+    for _ in range(3):
+        (response,) = await exchange(host, proxy_port, b"GET /openai/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert response.status == 200 and response.body == b"ok"
+        await wait_for(
+            lambda: all(not c.is_usable() for c in pool._idle), message="upstream close seen"
+        )
+    assert accepted == 3
+    server.close()
+
+
+async def test_pooled_connection_dying_on_reuse_is_retried_on_a_fresh_one(make_sidecar):
+    # The upstream keeps the connection open after the first response, then closes it
+    # without answering when the next request arrives: the reused connection fails before any
+    # response byte, so the sidecar must resend on a fresh connection, invisibly to the client.
+    accepted = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the reuse: hang up without a response
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -179,6 +206,7 @@ async def test_upstream_closing_an_idle_pooled_connection_is_retried_transparent
     for _ in range(3):
         (response,) = await exchange(host, proxy_port, b"GET /openai/x HTTP/1.1\r\nHost: x\r\n\r\n")
         assert response.status == 200 and response.body == b"ok"
-        await asyncio.sleep(0.1)  # let the upstream close the idle connection
+    # Request 1 opened a connection; requests 2 and 3 each found it dead and opened another.
     assert accepted == 3
+    assert sidecar.snapshot.upstreams["fake"].pool.opened == 3
     server.close()

@@ -91,7 +91,8 @@ async def test_breaker_opens_fails_fast_half_opens_and_closes(
             breaker = (await response.json())["fake"]["breaker"]
     assert breaker["state"] == "open" and "3 consecutive" in breaker["last_transition_reason"]
 
-    await asyncio.sleep(0.6)  # the open period, by config, must pass
+    breaker_state = sidecar.snapshot.upstreams["fake"].breaker
+    await wait_for(lambda: breaker_state.retry_after_s() == 0, message="open period over")
     status, _, _ = await post(url)  # the trial succeeds
     assert status == 200
     assert sidecar.snapshot.upstreams["fake"].breaker.state.name == "CLOSED"
@@ -110,7 +111,8 @@ async def test_failed_trial_reopens_the_breaker(make_sidecar: SidecarFactory, fa
     )
     url = proxy_url(sidecar) + "/openai/v1/chat/completions"
     assert (await post(url, **{"x-fake-status": "502"}))[0] == 502
-    await asyncio.sleep(0.4)
+    breaker = sidecar.snapshot.upstreams["fake"].breaker
+    await wait_for(lambda: breaker.retry_after_s() == 0, message="open period over")
     assert (await post(url, **{"x-fake-status": "502"}))[0] == 502  # the trial fails
     status, headers, _ = await post(url)
     assert status == 503 and headers["x-llm-sidecar-error"] == "circuit_open"

@@ -519,3 +519,15 @@ def test_garbage_input_never_raises() -> None:
         stripper.feed(sample)
     scanner.close()
     stripper.close()
+
+
+def test_requested_model_reads_only_json_bodies_within_the_cap():
+    from sidecar.policies.usage import MODEL_SCAN_BYTES, requested_model
+
+    assert requested_model(b'{"model": "gpt-4o", "messages": []}') == "gpt-4o"
+    assert requested_model(b'{"messages": []}') is None
+    assert requested_model(b'{"model": 3}') is None
+    assert requested_model(b"not json") is None
+    assert requested_model(b"{broken") is None
+    big = b'{"model": "m", "pad": "' + b"x" * MODEL_SCAN_BYTES + b'"}'
+    assert requested_model(big) is None
