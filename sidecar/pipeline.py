@@ -13,7 +13,9 @@ Two tiers, as in linkerd2-proxy:
   send.
 
 To add a policy, write a module under ``sidecar/policies/`` with a stage class, and add it to
-one of the two lists below.
+one of the two lists below. A stage whose policy the config leaves off is not built at all
+(a disabled breaker, an upstream with neither limits nor pacing): every stage in the chain
+costs a coroutine frame per request, so "off" must mean "absent", not "checked and skipped".
 """
 
 from __future__ import annotations
@@ -69,8 +71,16 @@ def upstream_stages(upstream: UpstreamRuntime) -> list[Stage]:
     from sidecar.policies.breaker import BreakerStage
     from sidecar.policies.limits import LimitStage
     from sidecar.policies.observe import AttemptStage
+    from sidecar.policies.state import limits_apply
 
-    return [LimitStage(upstream), AttemptStage(upstream), BreakerStage(upstream)]
+    config = upstream.config
+    stages: list[Stage] = []
+    if config.pacing or limits_apply(config.limits):
+        stages.append(LimitStage(upstream))
+    stages.append(AttemptStage(upstream))
+    if config.breaker.enabled:
+        stages.append(BreakerStage(upstream))
+    return stages
 
 
 def build_route_handler(route: RouteRuntime) -> Handler:

@@ -9,7 +9,7 @@ freed instead of leaked.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 # RFC 9110 7.6.1 hop-by-hop fields; the proxy re-frames every message itself.
@@ -42,19 +42,25 @@ class Headers:
                 return value
         return default
 
+    # Plain loops rather than any(<genexpr>) below: these run several times per request, and a
+    # generator costs more than the handful of fields it scans.
     def __contains__(self, name: object) -> bool:
-        return any(key == name for key, _ in self._items)
+        for key, _ in self._items:
+            if key == name:
+                return True
+        return False
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (appended if absent)."""
-        self.remove(name)
+        if name in self:
+            self._items = [item for item in self._items if item[0] != name]
         self._items.append((name, value))
 
     def add(self, name: str, value: str) -> None:
         self._items.append((name, value))
 
     def remove(self, name: str) -> None:
-        if any(key == name for key, _ in self._items):
+        if name in self:
             self._items = [item for item in self._items if item[0] != name]
 
     def items(self) -> list[tuple[str, str]]:
@@ -110,6 +116,18 @@ class Response:
         headers.set("content-length", str(len(data)))
         return cls(status, headers, _once(data))
 
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when the body has ended, failed or been closed.
+
+        The upstream's body stream calls it itself (no extra async layer per chunk); any other
+        body gets a thin wrapper that does.
+        """
+        hook = getattr(self.body, "on_done", None)
+        if hook is not None:
+            hook(callback)
+        else:
+            self.body = _DoneBody(self.body, callback)
+
     async def aclose(self) -> None:
         """Abandon the body (frees or closes the upstream connection behind it)."""
         close = getattr(self.body, "aclose", None)
@@ -131,3 +149,44 @@ class Response:
         data = b"".join(parts)
         self.body = _once(data)
         return data
+
+
+class _DoneBody:
+    """A body iterator that runs its callbacks once when the body ends, fails or is closed.
+
+    A class, not an async generator, so that ``aclose()`` reaches the inner body (and frees its
+    connection) even when iteration never started.
+    """
+
+    __slots__ = ("_inner", "_callbacks")
+
+    def __init__(self, inner: AsyncIterator[bytes], done: Callable[[], None]) -> None:
+        self._inner = inner
+        self._callbacks: list[Callable[[], None]] | None = [done]
+
+    def __aiter__(self) -> _DoneBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._inner.__anext__()
+        except BaseException:  # the end (StopAsyncIteration) or a failure
+            self._run()
+            raise
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        if self._callbacks is None:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    async def aclose(self) -> None:
+        self._run()
+        close = getattr(self._inner, "aclose", None)
+        if close is not None:
+            await close()
+
+    def _run(self) -> None:
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback()

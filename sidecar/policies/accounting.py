@@ -33,7 +33,7 @@ from sidecar.events import BudgetUpdated, EventBus, LimitRejected, UsageRecorded
 from sidecar.exchange import Exchange
 from sidecar.http.message import Response
 from sidecar.policies.budget import BudgetExceeded, BudgetTracker
-from sidecar.policies.limits import LEDGER, ReleasingBody, refusal, show_limits, take
+from sidecar.policies.limits import LEDGER, refusal, show_limits, take
 from sidecar.policies.ratelimit import Lease, Limiter, LimitExceeded
 from sidecar.policies.state import (
     DEFAULT_TENANT,
@@ -164,8 +164,8 @@ class AccountingStage:
             for lease in leases:
                 lease.release()
 
-        response.body = ReleasingBody(response.body, release)
-        exchange.on_finish(lambda _: release())
+        response.on_done(release)
+        exchange.on_finish(lambda _: release())  # idempotent; in case the body is never closed
         return response
 
 

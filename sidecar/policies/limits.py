@@ -8,14 +8,14 @@ scope's :class:`~sidecar.policies.ratelimit.Limiter`. The lease is held until th
 ends, so ``max_in_flight`` counts streams to their end, and settled by the route tier's ledger
 (see :mod:`sidecar.policies.accounting`) when the real usage is known.
 
-The helpers here (:func:`take`, :func:`refusal`, :func:`show_limits`, :class:`ReleasingBody`)
+The helpers here (:func:`take`, :func:`refusal`, :func:`show_limits`)
 are shared with the route tier, which applies the route and tenant scopes the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from sidecar.events import EventBus, LimitRejected, QueueWaited
@@ -93,8 +93,8 @@ class LimitStage:
             ledger.leases.append(lease)  # settled with the real usage at the end
         show_limits(response.headers, (lease.headers,))
         release = lease.release
-        response.body = ReleasingBody(response.body, release)
-        exchange.on_finish(lambda _: release())
+        response.on_done(release)
+        exchange.on_finish(lambda _: release())  # idempotent; in case the body is never closed
         return response
 
     async def _pace(self, exchange: Exchange, tokens: int) -> Response | None:
@@ -150,6 +150,11 @@ def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
     if not mine:
         return
     theirs = {name: value for name, value in headers.items() if name.startswith("x-ratelimit-")}
+    if not theirs and len(mine) == 1:  # the common case: one scope, an upstream that sends none
+        for name, value in mine[0].items():
+            if name.startswith("x-ratelimit-"):
+                headers.add(name, value)
+        return
     try:
         merged = merge_headers([theirs, *mine])
     except ValueError:  # the upstream's values are not numbers: leave them alone
@@ -157,36 +162,6 @@ def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
     for name, value in merged.items():
         if name.startswith("x-ratelimit-") and theirs.get(name) != value:
             headers.set(name, value)
-
-
-class ReleasingBody:
-    """A body iterator that calls `release` once when the body ends, fails or is closed.
-
-    A class, not an async generator, so that ``aclose()`` reaches the inner body (and frees its
-    connection) even when iteration never started.
-    """
-
-    __slots__ = ("_inner", "_release")
-
-    def __init__(self, inner: AsyncIterator[bytes], release: Callable[[], None]) -> None:
-        self._inner = inner
-        self._release = release
-
-    def __aiter__(self) -> ReleasingBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            return await self._inner.__anext__()
-        except BaseException:  # the end (StopAsyncIteration) or a failure
-            self._release()
-            raise
-
-    async def aclose(self) -> None:
-        self._release()
-        close = getattr(self._inner, "aclose", None)
-        if close is not None:
-            await close()
 
 
 def _api(exchange: Exchange, upstream: UpstreamRuntime) -> ApiStyle:

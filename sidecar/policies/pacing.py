@@ -32,6 +32,7 @@ from sidecar.policies.ratelimit import format_duration
 
 Clock = Callable[[], float]
 Resource = Literal["requests", "tokens"]
+_REPORT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
 
 
@@ -87,6 +88,8 @@ class ProviderPacer:
 
     def observe(self, status: int, headers: Headers) -> None:
         """Read a response head's rate-limit headers (and Retry-After on a 429)."""
+        if status != 429 and not _reports_limits(headers):
+            return  # most responses (and every non-LLM one) report nothing: one scan, no clock
         now = self._clock()
         for resource in ("requests", "tokens"):
             window = self._openai(headers, resource, now) or self._anthropic(headers, resource, now)
@@ -175,6 +178,13 @@ class ProviderPacer:
         if when.tzinfo is None:
             return None
         return when.timestamp() - self._wall()
+
+
+def _reports_limits(headers: Headers) -> bool:
+    for name, _ in headers.items():  # a loop, not any(<genexpr>): this runs on every response
+        if name.startswith(_REPORT_PREFIXES):
+            return True
+    return False
 
 
 def parse_duration(value: str | None) -> float | None:

@@ -36,6 +36,8 @@ Clock = Callable[[], float]
 LimitName = Literal["requests", "tokens", "in_flight", "queue_full", "queue_timeout"]
 _EPSILON = 1e-9  # float slack: a refill computed to the exact wait may land a hair short
 _MIN_TIMER_S = 0.001
+_REQUEST_HEADERS = tuple(f"x-ratelimit-{kind}-requests" for kind in ("limit", "remaining", "reset"))
+_TOKEN_HEADERS = tuple(f"x-ratelimit-{kind}-tokens" for kind in ("limit", "remaining", "reset"))
 
 
 class TokenBucket:
@@ -316,12 +318,14 @@ class Limiter:
     def headers(self) -> dict[str, str]:
         """The x-ratelimit-* headers of the current state."""
         out: dict[str, str] = {}
-        for name, bucket in (("requests", self._requests), ("tokens", self._tokens)):
-            if bucket is not None:
+        for names, bucket in ((_REQUEST_HEADERS, self._requests), (_TOKEN_HEADERS, self._tokens)):
+            if bucket is not None:  # every granted request builds these: one refill, no f-strings
                 level = bucket.level
-                out[f"x-ratelimit-limit-{name}"] = _number(bucket.capacity)
-                out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(level + _EPSILON)))
-                out[f"x-ratelimit-reset-{name}"] = format_duration(bucket.reset_after_s())
+                capacity = bucket.capacity
+                limit, remaining, reset = names
+                out[limit] = _number(capacity)
+                out[remaining] = str(max(0, math.floor(level + _EPSILON)))
+                out[reset] = format_duration(max(0.0, (capacity - level) / bucket.rate_per_s))
         return out
 
     def __repr__(self) -> str:

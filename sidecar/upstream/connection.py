@@ -206,7 +206,7 @@ class BodyStream:
     iteration never started.
     """
 
-    __slots__ = ("_conn", "_idle_s", "_total_deadline", "_release", "done")
+    __slots__ = ("_conn", "_idle_s", "_total_deadline", "_release", "_callbacks", "done")
 
     def __init__(
         self, conn: UpstreamConnection, idle_s: float, total_deadline: float, release: Release
@@ -215,9 +215,20 @@ class BodyStream:
         self._idle_s = idle_s
         self._total_deadline = total_deadline
         self._release = release
+        self._callbacks: list[Callable[[], None]] | None = None
         self.done = False
         if conn._complete and not conn._chunks:
             self._finish(conn._keep_alive)
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the body has been read to its end, failed or been closed
+        (see :meth:`Response.on_done <sidecar.http.message.Response.on_done>`)."""
+        if self.done:
+            callback()
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
 
     def __aiter__(self) -> BodyStream:
         return self
@@ -261,3 +272,7 @@ class BodyStream:
     def _finish(self, reusable: bool) -> None:
         self.done = True
         self._release(self._conn, reusable)
+        callbacks, self._callbacks = self._callbacks, None
+        if callbacks is not None:
+            for callback in callbacks:
+                callback()
