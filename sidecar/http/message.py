@@ -116,17 +116,23 @@ class Response:
         headers.set("content-length", str(len(data)))
         return cls(status, headers, _once(data))
 
-    def on_done(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once, when the body has ended, failed or been closed.
+    def watch(
+        self,
+        *,
+        tap: Callable[[bytes], None] | None = None,
+        done: Callable[[bool], None] | None = None,
+    ) -> None:
+        """Observe the body as it passes, without wrapping it in another async layer.
 
-        The upstream's body stream calls it itself (no extra async layer per chunk); any other
-        body gets a thin wrapper that does.
+        ``tap(chunk)`` sees every chunk; ``done(completed)`` runs once, when the body was read
+        to its end (True), or failed or was closed before it (False). The upstream's body
+        stream calls them itself; any other body gets one thin wrapper that does.
         """
-        hook = getattr(self.body, "on_done", None)
-        if hook is not None:
-            hook(callback)
-        else:
-            self.body = _DoneBody(self.body, callback)
+        watchers: BodyWatchers | None = getattr(self.body, "watchers", None)
+        if watchers is None:
+            wrapped = _WatchedBody(self.body)
+            self.body, watchers = wrapped, wrapped.watchers
+        watchers.add(tap, done)
 
     async def aclose(self) -> None:
         """Abandon the body (frees or closes the upstream connection behind it)."""
@@ -151,42 +157,65 @@ class Response:
         return data
 
 
-class _DoneBody:
-    """A body iterator that runs its callbacks once when the body ends, fails or is closed.
+class BodyWatchers:
+    """The observers of one response body (see :meth:`Response.watch`), called by the body."""
+
+    __slots__ = ("taps", "_done", "ended")
+
+    def __init__(self) -> None:
+        self.taps: list[Callable[[bytes], None]] = []
+        self._done: list[Callable[[bool], None]] = []
+        self.ended: bool | None = None  # None while the body runs, then whether it completed
+
+    def add(self, tap: Callable[[bytes], None] | None, done: Callable[[bool], None] | None) -> None:
+        if tap is not None:
+            self.taps.append(tap)
+        if done is not None:
+            if self.ended is None:
+                self._done.append(done)
+            else:
+                done(self.ended)  # the body ended before anyone watched (an empty body)
+
+    def end(self, completed: bool) -> None:
+        if self.ended is not None:
+            return
+        self.ended = completed
+        callbacks, self._done = self._done, []
+        for callback in callbacks:
+            callback(completed)
+
+
+class _WatchedBody:
+    """Any body iterator, with :class:`BodyWatchers` called as it passes.
 
     A class, not an async generator, so that ``aclose()`` reaches the inner body (and frees its
     connection) even when iteration never started.
     """
 
-    __slots__ = ("_inner", "_callbacks")
+    __slots__ = ("_inner", "watchers")
 
-    def __init__(self, inner: AsyncIterator[bytes], done: Callable[[], None]) -> None:
+    def __init__(self, inner: AsyncIterator[bytes]) -> None:
         self._inner = inner
-        self._callbacks: list[Callable[[], None]] | None = [done]
+        self.watchers = BodyWatchers()
 
-    def __aiter__(self) -> _DoneBody:
+    def __aiter__(self) -> _WatchedBody:
         return self
 
     async def __anext__(self) -> bytes:
         try:
-            return await self._inner.__anext__()
-        except BaseException:  # the end (StopAsyncIteration) or a failure
-            self._run()
+            chunk = await self._inner.__anext__()
+        except StopAsyncIteration:
+            self.watchers.end(True)
             raise
-
-    def on_done(self, callback: Callable[[], None]) -> None:
-        if self._callbacks is None:
-            callback()
-        else:
-            self._callbacks.append(callback)
+        except BaseException:
+            self.watchers.end(False)
+            raise
+        for tap in self.watchers.taps:
+            tap(chunk)
+        return chunk
 
     async def aclose(self) -> None:
-        self._run()
+        self.watchers.end(False)
         close = getattr(self._inner, "aclose", None)
         if close is not None:
             await close()
-
-    def _run(self) -> None:
-        callbacks, self._callbacks = self._callbacks, None
-        for callback in callbacks or ():
-            callback()

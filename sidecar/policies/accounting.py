@@ -160,12 +160,9 @@ class AccountingStage:
             ledger.leases[:0] = leases
             return ledger.watch(response)
 
-        def release() -> None:
-            for lease in leases:
-                lease.release()
-
-        response.on_done(release)
-        exchange.on_finish(lambda _: release())  # idempotent; in case the body is never closed
+        for lease in leases:
+            response.watch(done=lease.body_done)
+            exchange.on_finish(lease.exchange_done)  # idempotent; if the body is never closed
         return response
 
 
@@ -193,6 +190,8 @@ class Ledger:
         "_events",
         "_estimate",
         "_settled",
+        "_status",
+        "_reader",
     )
 
     def __init__(
@@ -212,6 +211,8 @@ class Ledger:
         self._events = events
         self._estimate: tuple[str | None, int, int] | None = None
         self._settled = False
+        self._status = 0
+        self._reader: _SseUsage | _JsonUsage | None = None
 
     @property
     def tokens(self) -> int:
@@ -257,10 +258,26 @@ class Ledger:
                     headers.remove("content-length")
         elif encoding == "identity" or encoding in _DECODABLE:
             reader = _JsonUsage(encoding)
-        tap = UsageTap(response.body, self, status, reader, stripper)
-        response.body = tap
-        self.exchange.on_finish(lambda _: tap.finish(completed=False))
+        self._status, self._reader = status, reader
+        # The reader sees the body as the upstream sent it (with any injected usage chunk);
+        # the stripper, when there is one, then cuts that chunk out for the client.
+        response.watch(tap=reader.feed if reader is not None else None, done=self.body_done)
+        if stripper is not None:
+            response.body = StrippedBody(response.body, stripper)
+        self.exchange.on_finish(self.exchange_done)
         return response
+
+    def body_done(self, completed: bool) -> None:
+        """The body ended (read to its end or not): settle with the usage it showed."""
+        reader = self._reader
+        if reader is None:
+            self.settle(self._status, None, completed=completed)
+        else:
+            usage = reader.usage(completed)
+            self.settle(self._status, usage, completed=completed, model=reader.model)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        self.body_done(False)  # a no-op when the body already settled
 
     def settle(
         self,
@@ -318,32 +335,21 @@ class Ledger:
         )
 
 
-class UsageTap:
-    """The response body, passed on chunk by chunk while a copy feeds the usage reader.
+class StrippedBody:
+    """The response body with the usage chunk that the sidecar asked for cut out.
 
-    With a stripper, the injected usage chunk is cut out of the stream. At the end of the body
-    the ledger is settled with the usage found. A class, not an async generator, so that
-    ``aclose()`` reaches the inner body even when iteration never started.
+    A class, not an async generator, so that ``aclose()`` reaches the inner body even when
+    iteration never started.
     """
 
-    __slots__ = ("_inner", "_ledger", "_status", "_reader", "_stripper", "_done")
+    __slots__ = ("_inner", "_stripper", "_done")
 
-    def __init__(
-        self,
-        inner: AsyncIterator[bytes],
-        ledger: Ledger,
-        status: int,
-        reader: _SseUsage | _JsonUsage | None,
-        stripper: UsageChunkStripper | None,
-    ) -> None:
+    def __init__(self, inner: AsyncIterator[bytes], stripper: UsageChunkStripper) -> None:
         self._inner = inner
-        self._ledger = ledger
-        self._status = status
-        self._reader = reader
         self._stripper = stripper
         self._done = False
 
-    def __aiter__(self) -> UsageTap:
+    def __aiter__(self) -> StrippedBody:
         return self
 
     async def __anext__(self) -> bytes:
@@ -354,31 +360,18 @@ class UsageTap:
                 chunk = await self._inner.__anext__()
             except StopAsyncIteration:
                 self._done = True
-                tail = self._stripper.close() if self._stripper is not None else b""
-                self.finish(completed=True)
+                tail = self._stripper.close()
                 if tail:
                     return tail
                 raise
-            if self._reader is not None:
-                self._reader.feed(chunk)
-            if self._stripper is not None:
-                chunk = self._stripper.feed(chunk)
-                if not chunk:
-                    continue
-            return chunk
+            chunk = self._stripper.feed(chunk)
+            if chunk:
+                return chunk
 
     async def aclose(self) -> None:
         close = getattr(self._inner, "aclose", None)
         if close is not None:
             await close()
-
-    def finish(self, *, completed: bool) -> None:
-        reader = self._reader
-        if reader is None:
-            self._ledger.settle(self._status, None, completed=completed)
-            return
-        usage = reader.usage(completed)
-        self._ledger.settle(self._status, usage, completed=completed, model=reader.model)
 
 
 class _SseUsage:

@@ -92,9 +92,8 @@ class LimitStage:
         elif ledger is not None:
             ledger.leases.append(lease)  # settled with the real usage at the end
         show_limits(response.headers, (lease.headers,))
-        release = lease.release
-        response.on_done(release)
-        exchange.on_finish(lambda _: release())  # idempotent; in case the body is never closed
+        response.watch(done=lease.body_done)
+        exchange.on_finish(lease.exchange_done)  # idempotent; in case the body is never closed
         return response
 
     async def _pace(self, exchange: Exchange, tokens: int) -> Response | None:

@@ -179,6 +179,14 @@ class Lease:
             self._released = True
             self._limiter._release_slot()
 
+    def body_done(self, completed: bool) -> None:
+        """The response body ended (see ``Response.watch``): free the slot."""
+        self.release()
+
+    def exchange_done(self, exchange: object) -> None:
+        """The exchange ended (see ``Exchange.on_finish``): free the slot if still held."""
+        self.release()
+
     def cancel(self) -> None:
         """The request never went out: give back the request, the reservation and the slot."""
         if not self._released:

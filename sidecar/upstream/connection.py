@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from sidecar.http.message import BodyWatchers
 from sidecar.upstream.errors import UpstreamError
 
 READ_SIZE = 65536
@@ -206,7 +207,7 @@ class BodyStream:
     iteration never started.
     """
 
-    __slots__ = ("_conn", "_idle_s", "_total_deadline", "_release", "_callbacks", "done")
+    __slots__ = ("_conn", "_idle_s", "_total_deadline", "_release", "watchers", "done")
 
     def __init__(
         self, conn: UpstreamConnection, idle_s: float, total_deadline: float, release: Release
@@ -215,20 +216,10 @@ class BodyStream:
         self._idle_s = idle_s
         self._total_deadline = total_deadline
         self._release = release
-        self._callbacks: list[Callable[[], None]] | None = None
+        self.watchers = BodyWatchers()  # see Response.watch: policies observe without wrapping
         self.done = False
         if conn._complete and not conn._chunks:
-            self._finish(conn._keep_alive)
-
-    def on_done(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once the body has been read to its end, failed or been closed
-        (see :meth:`Response.on_done <sidecar.http.message.Response.on_done>`)."""
-        if self.done:
-            callback()
-        elif self._callbacks is None:
-            self._callbacks = [callback]
-        else:
-            self._callbacks.append(callback)
+            self._finish(conn._keep_alive, completed=True)
 
     def __aiter__(self) -> BodyStream:
         return self
@@ -242,11 +233,14 @@ class BodyStream:
                 chunks = conn._chunks
                 if chunks:
                     conn._chunks = []
+                    data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                    for tap in self.watchers.taps:
+                        tap(data)
                     if conn._complete:
-                        self._finish(conn._keep_alive)
-                    return b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                        self._finish(conn._keep_alive, completed=True)
+                    return data
                 if conn._complete:
-                    self._finish(conn._keep_alive)
+                    self._finish(conn._keep_alive, completed=True)
                     raise StopAsyncIteration
                 deadline = min(time.monotonic() + self._idle_s, self._total_deadline)
                 data = await conn._read(deadline, "between body chunks", True)
@@ -262,17 +256,14 @@ class BodyStream:
             raise
         except BaseException:
             if not self.done:
-                self._finish(False)
+                self._finish(False, completed=False)
             raise
 
     async def aclose(self) -> None:
         if not self.done:
-            self._finish(False)
+            self._finish(False, completed=False)
 
-    def _finish(self, reusable: bool) -> None:
+    def _finish(self, reusable: bool, *, completed: bool) -> None:
         self.done = True
         self._release(self._conn, reusable)
-        callbacks, self._callbacks = self._callbacks, None
-        if callbacks is not None:
-            for callback in callbacks:
-                callback()
+        self.watchers.end(completed)
