@@ -86,6 +86,11 @@ class AccountingStage:
             t.upstream.config.limits is not None and t.upstream.config.limits.tokens is not None
             for t in targets
         )
+        tenants = self.tenants
+        self.tenant_scoped = any(
+            limits_apply(t.limits) or budget_applies(t.budget_usd)
+            for t in (tenants.default, *tenants.overrides.values())
+        )
         self.always_usage = bool(
             self.prices
             or self.include_usage
@@ -95,13 +100,14 @@ class AccountingStage:
 
     async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
         tenant = exchange.tenant or DEFAULT_TENANT
-        policy = tenant_policy(self.tenants, tenant)
         tenant_limiter: Limiter | None = None
-        if policy.limits is not None and limits_apply(policy.limits):
-            tenant_limiter = self.policies.tenant_limiter(tenant, policy.limits)
         budget: BudgetTracker | None = None
-        if policy.budget is not None and budget_applies(policy.budget):
-            budget = self.policies.budget(tenant, policy.budget)
+        if self.tenant_scoped:  # else no tenant has limits or a budget: skip the look-up
+            policy = tenant_policy(self.tenants, tenant)
+            if policy.limits is not None and limits_apply(policy.limits):
+                tenant_limiter = self.policies.tenant_limiter(tenant, policy.limits)
+            if policy.budget is not None and budget_applies(policy.budget):
+                budget = self.policies.budget(tenant, policy.budget)
         needs_usage = (
             self.always_usage
             or budget is not None

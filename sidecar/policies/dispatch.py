@@ -55,6 +55,9 @@ class Dispatcher:
         config = route.config
         self.retry = config.retry
         self.retry_on = frozenset(config.retry.on)
+        # Status codes as ints, once: every response is checked against them.
+        self._retry_statuses = frozenset(int(x) for x in self.retry_on if x.isdigit())
+        self._retry_5xx = "5xx" in self.retry_on
         self.budget = RetryBudget(config.retry.budget_percent)
         self._needs_model = bool(
             config.models
@@ -64,8 +67,7 @@ class Dispatcher:
         )
 
     def _retryable_status(self, status: int) -> bool:
-        on = self.retry_on
-        return str(status) in on or (status >= 500 and "5xx" in on)
+        return status in self._retry_statuses or (status >= 500 and self._retry_5xx)
 
     def _targets(self, exchange: Exchange) -> tuple[Target, ...]:
         route = self.route
