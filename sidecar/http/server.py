@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class ClientConnection:
         self.busy = False
         self.closed = False
         self._wakeup: asyncio.Future[object] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
         self._loop = asyncio.get_running_loop()
         self._room: asyncio.Event = asyncio.Event()
         self._room.set()
@@ -220,12 +223,12 @@ class ClientConnection:
             if self.closed:
                 return None
             wakeup = self._wakeup = self._loop.create_future()
-            # A plain timer rather than asyncio.timeout(): this runs once per keep-alive request.
-            timer = self._loop.call_later(self.limits.client_idle_s, _wake_idle, wakeup)
+            self._idle_since = time.monotonic()
+            if self._idle_timer is None:
+                self._idle_timer = self._loop.call_later(self.limits.client_idle_s, self._on_idle)
             try:
                 await wakeup
             finally:
-                timer.cancel()
                 self._wakeup = None
             if wakeup.result() is _IDLE and not self.pending:
                 return None
@@ -233,6 +236,24 @@ class ClientConnection:
         if not self._room.is_set() and len(self.pending) < MAX_PIPELINED // 2:
             self._room.set()
         return item
+
+    def _on_idle(self) -> None:
+        """The idle timer: close a connection idle for ``client_idle_s``, else re-arm.
+
+        One lazy timer per connection instead of one armed and cancelled per request: a
+        keep-alive connection answering thousands of requests a second arms one timer per
+        ``client_idle_s``. A firing finds the connection waiting (re-armed for the time left,
+        or closed), or busy (dropped; the next wait arms a new one).
+        """
+        self._idle_timer = None
+        wakeup = self._wakeup
+        if wakeup is None or wakeup.done():
+            return
+        left = self._idle_since + self.limits.client_idle_s - time.monotonic()
+        if left <= 0:
+            wakeup.set_result(_IDLE)
+        else:
+            self._idle_timer = self._loop.call_later(left, self._on_idle)
 
     # answering ---------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -262,6 +283,9 @@ class ClientConnection:
             pass
         finally:
             read_task.cancel()
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
             self.writer.close()
 
     async def write_response(
@@ -351,11 +375,6 @@ class ClientConnection:
 
 
 _IDLE = object()  # the wake-up value that means "idle too long"
-
-
-def _wake_idle(wakeup: asyncio.Future[object]) -> None:
-    if not wakeup.done():
-        wakeup.set_result(_IDLE)
 
 
 def _reason(status: int) -> str:

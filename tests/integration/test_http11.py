@@ -210,3 +210,28 @@ async def test_pooled_connection_dying_on_reuse_is_retried_on_a_fresh_one(make_s
     assert accepted == 3
     assert sidecar.snapshot.upstreams["fake"].pool.opened == 3
     server.close()
+
+
+async def test_an_idle_client_connection_is_closed_but_a_busy_or_active_one_is_not(
+    make_sidecar, fake
+):
+    host, port = await _sidecar(make_sidecar, fake, client_idle_s=0.4)
+    reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    # Active: requests 0.15 s apart keep the connection open well past client_idle_s.
+    started = loop.time()
+    for i in range(6):
+        writer.write(f"GET /openai/echo/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        (response,) = await read_responses(reader, 1)
+        assert response.status == 200
+        await asyncio.sleep(0.15)
+    assert loop.time() - started > 0.8
+    # Busy: a request that takes longer than client_idle_s is answered, not cut.
+    writer.write(b"GET /openai/echo/slow HTTP/1.1\r\nHost: x\r\nx-fake-latency-ms: 700\r\n\r\n")
+    (response,) = await read_responses(reader, 1)
+    assert response.status == 200
+    # Idle: then the sidecar closes it, about client_idle_s after the last response.
+    idle_from = loop.time()
+    assert await asyncio.wait_for(reader.read(1), 3) == b""
+    assert 0.3 < loop.time() - idle_from < 1.5
+    writer.close()
