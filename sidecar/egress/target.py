@@ -93,4 +93,6 @@ def parse_absolute(target: str) -> tuple[ProxyTarget, str]:
 
 def is_absolute_form(target: str) -> bool:
     """Whether a request target is absolute-form (sent by clients through HTTP_PROXY)."""
+    if target.startswith("/"):  # origin-form, nearly every request: no slicing, no lower()
+        return False
     return target[:7].lower() == "http://" or target[:8].lower() == "https://"
