@@ -51,7 +51,7 @@ class _Bucket:
         if len(self.samples) < SAMPLES_PER_BUCKET:
             self.samples.append(seconds)
         else:
-            slot = random.randrange(self.n)
+            slot = int(random.random() * self.n)  # randrange() costs 5x more, per request
             if slot < SAMPLES_PER_BUCKET:
                 self.samples[slot] = seconds
 
