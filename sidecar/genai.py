@@ -16,15 +16,15 @@ anthropic: the upstream's API shape), ``gen_ai_request_model`` (at most :data:`M
 distinct values, then ``other``), and on the duration ``error_type`` (empty on success, else the
 x-llm-sidecar-error kind or the status code). Only LLM API calls are recorded; other paths
 (``/models``, health checks) are not GenAI operations. Buckets are the conventions' advice.
+Every LLM call records here, so the histograms are :mod:`sidecar.instruments` ones (no locks).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 
 from sidecar.exchange import Exchange
+from sidecar.instruments import HistogramChild, LocklessHistogram
 
 MAX_MODELS = 100
 OTHER = "other"
@@ -73,33 +73,39 @@ class LabelCap:
         return value
 
 
+# duration, ttft, tpot, input tokens, output tokens: what one label set records.
+_GenAiChildren = tuple[
+    HistogramChild, HistogramChild, HistogramChild, HistogramChild, HistogramChild
+]
+
+
 class GenAiMetrics:
     """Records one finished exchange under the GenAI names (see the module docstring)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.duration = Histogram(
+        self.duration = LocklessHistogram(
             "gen_ai_server_request_duration_seconds",
             "GenAI conventions: request received to response fully sent.",
             [*_BASE, "error_type"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = LocklessHistogram(
             "gen_ai_server_time_to_first_token_seconds",
             "GenAI conventions: time to the first token of successful streams.",
             list(_BASE),
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        self.tpot = Histogram(
+        self.tpot = LocklessHistogram(
             "gen_ai_server_time_per_output_token_seconds",
             "GenAI conventions: time per output token after the first, successful streams.",
             list(_BASE),
             buckets=TPOT_BUCKETS,
             registry=r,
         )
-        self.tokens = Histogram(
+        self.tokens = LocklessHistogram(
             "gen_ai_client_token_usage",
             "GenAI conventions: tokens used per request, by gen_ai_token_type.",
             [*_BASE, "gen_ai_token_type"],
@@ -107,9 +113,9 @@ class GenAiMetrics:
             registry=r,
         )
         self.models = LabelCap(MAX_MODELS)
-        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self._children: dict[tuple[str, ...], _GenAiChildren] = {}
 
-    def _bound(self, operation: str, provider: str, model: str, error: str) -> tuple[Any, ...]:
+    def _bound(self, operation: str, provider: str, model: str, error: str) -> _GenAiChildren:
         key = (operation, provider, model, error)
         children = self._children.get(key)
         if children is None:

@@ -2,8 +2,11 @@
 
 Each sidecar owns its own :class:`~prometheus_client.CollectorRegistry` (tests use their own,
 nothing is global). Label children are bound once per label set and cached, so recording a
-request costs a few dictionary lookups. Label values come from config (routes, upstreams) or are
-capped (models, tenants), so cardinality is bounded by construction.
+request costs a few dictionary lookups. What every request records (requests, latencies,
+attempts, tokens, cost, the GenAI histograms) lives in :mod:`sidecar.instruments`, without
+prometheus_client's locks; rarer events (reloads, breakers, tunnels, audit, budgets, limit
+refusals) use prometheus_client directly. Label values come from config (routes, upstreams) or
+are capped (models, tenants), so cardinality is bounded by construction.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from sidecar.events import (
     UsageRecorded,
 )
 from sidecar.genai import OTHER, GenAiMetrics, LabelCap
+from sidecar.instruments import CounterChild, HistogramChild, LocklessCounter, LocklessHistogram
 from sidecar.runtime import Snapshot
 
 # No `*_created` series: they double the series count and Prometheus ignores them by default.
@@ -262,6 +266,12 @@ def _fill(limiter: dict[str, Any]) -> Iterator[tuple[str, float]]:
         yield "in_flight", min(1.0, in_flight / most)
 
 
+# requests, duration, ttfb, overhead, ttft: what one (route, upstream, code) records.
+_RequestChildren = tuple[
+    CounterChild, HistogramChild, HistogramChild, HistogramChild, HistogramChild
+]
+
+
 class Metrics:
     """The sidecar's metric set, subscribed to the event bus."""
 
@@ -273,41 +283,42 @@ class Metrics:
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        # Registration order is exposition order: keep it when moving a metric.
+        self.requests = LocklessCounter(
             "llm_sidecar_requests",
             "Requests answered, by route, upstream and status code.",
             ["route", "upstream", "code"],
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = LocklessHistogram(
             "llm_sidecar_request_duration_seconds",
             "Time from request received to response fully sent.",
             ["route", "upstream"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = LocklessHistogram(
             "llm_sidecar_upstream_ttfb_seconds",
             "Time from request received to the upstream's response head.",
             ["upstream"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.overhead = Histogram(
+        self.overhead = LocklessHistogram(
             "llm_sidecar_overhead_seconds",
             "Sidecar overhead: total duration minus time spent waiting on the upstream.",
             ["route"],
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = LocklessHistogram(
             "llm_sidecar_time_to_first_token_seconds",
             "Successful streams: time from request received to the first body chunk.",
             ["route", "upstream"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.attempts = Counter(
+        self.attempts = LocklessCounter(
             "llm_sidecar_upstream_attempts",
             "Tries against each upstream (retried and fallen-back ones too), by outcome.",
             ["upstream", "outcome"],
@@ -330,13 +341,13 @@ class Metrics:
         )
         self.genai = GenAiMetrics(r)
         self.limits = LimitMetrics(r, events, current)
-        self.proxy_errors = Counter(
+        self.proxy_errors = LocklessCounter(
             "llm_sidecar_proxy_errors",
             "Replies made or streams cut by the sidecar, by x-llm-sidecar-error kind.",
             ["route", "kind"],
             registry=r,
         )
-        self.client_gone = Counter(
+        self.client_gone = LocklessCounter(
             "llm_sidecar_client_disconnects",
             "Requests whose client went away before the response was complete.",
             ["route"],
@@ -385,8 +396,8 @@ class Metrics:
         )
         r.register(_LiveState(current))
         r.register(_LimitState(current))
-        self._children: dict[tuple[Any, ...], tuple[Any, ...]] = {}
-        self._attempt_children: dict[tuple[str, int, str | None], Any] = {}
+        self._children: dict[tuple[str, str, int], _RequestChildren] = {}
+        self._attempt_children: dict[tuple[str, int, str | None], CounterChild] = {}
         self._config_hash: str | None = None
         self.egress = EgressMetrics(events, r)
         events.subscribe(RequestFinished, self._on_request)
@@ -408,7 +419,7 @@ class Metrics:
             lambda e: self.fallbacks.labels(e.route, e.from_upstream, e.to_upstream).inc(),
         )
 
-    def _bound(self, route: str, upstream: str, code: int) -> tuple[Any, ...]:
+    def _bound(self, route: str, upstream: str, code: int) -> _RequestChildren:
         key = (route, upstream, code)
         children = self._children.get(key)
         if children is None:
@@ -503,13 +514,13 @@ class LimitMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = LocklessCounter(
             "llm_sidecar_tokens",
             "LLM tokens used, as upstreams reported them, by kind (prompt, completion).",
             ["upstream", "model", "tenant", "kind"],
             registry=r,
         )
-        self.cost = Counter(
+        self.cost = LocklessCounter(
             "llm_sidecar_cost_usd",
             "Spend in USD at the configured prices.",
             ["tenant", "model"],
@@ -525,7 +536,9 @@ class LimitMetrics:
         self._tenants = LabelCap(1)
         self._models = LabelCap(MAX_UNPRICED_MODELS)
         self._priced: frozenset[str] = frozenset()
-        self._usage_children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._usage_children: dict[
+            tuple[str, str, str], tuple[CounterChild, CounterChild, CounterChild]
+        ] = {}
         self._on_reload(None)
         events.subscribe(ConfigReloaded, self._on_reload)
         events.subscribe(LimitRejected, self._on_rejected)
