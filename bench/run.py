@@ -51,6 +51,7 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # Policy switches of the sidecar config: "default" has all of them, "off" none.
 POLICIES = ("breaker", "limits", "metrics", "access_log")
+TARGET_ORDER = ("direct", "nginx", "floor", "minimal", "sidecar-off", "sidecar")
 T = TypeVar("T")
 
 
@@ -406,6 +407,16 @@ def start_sidecar(
     return target
 
 
+def start_floor(ps: Processes, s: Settings, upstream_port: int) -> Target:
+    port = free_port()
+    argv = [PY, str(BENCH / "floor_proxy.py"), str(port), str(upstream_port)]
+    proc = ps.start("floor", argv, s.proxy_core)
+    wait_ready(port, proc)
+    target = Target("floor", port, proc)
+    target.notes.append("non-streaming only: the floor relays Content-Length bodies")
+    return target
+
+
 def start_minimal(ps: Processes, s: Settings, upstream_port: int) -> Target:
     port = free_port()
     argv = [PY, str(BENCH / "minimal_proxy.py"), str(port), f"http://127.0.0.1:{upstream_port}"]
@@ -736,6 +747,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         ">= 40%",
         None if r is None else r >= 0.4,
     )
+    floor = _get(t, "floor", "wrk", c_hi, "rps")
+    for name in ("sidecar-off", "sidecar"):
+        r = ratio(_get(t, name, "wrk", c_hi, "rps"), floor)
+        if r is not None:  # context, not a target: what the transport alone allows
+            add(f"{name} req/s at {c_hi} conns vs the floor proxy", f"{100 * r:.0f}%", "-", None)
     a, b = _get(side, "wrk", c_lo, "p50_ms"), _get(t, "direct", "wrk", c_lo, "p50_ms")
     d = None if a is None or b is None else a - b
     add(
@@ -825,7 +841,7 @@ def markdown(results: dict[str, Any]) -> str:
     t = results["targets"]
     s = results["settings"]
     lines = []
-    names = [n for n in ("direct", "nginx", "minimal", "sidecar-off", "sidecar") if n in t]
+    names = [n for n in TARGET_ORDER if n in t]
     if names:
         lines += [
             "**Non-streaming chat completions** (wrk, 1 thread, "
@@ -930,6 +946,8 @@ def markdown(results: dict[str, Any]) -> str:
         if row["met"] is None and not t:
             continue  # a soak- or profile-only run: only its own rows
         verdict = {True: "met", False: "**missed**", None: "not measured"}[row["met"]]
+        if row["threshold"] == "-":
+            verdict = "context"
         note = f" ({row['note']})" if row["note"] else ""
         lines.append(
             f"| {row['target']} | {_f(row['measured'], '')} | {row['threshold']} | "
@@ -956,7 +974,7 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         return "matplotlib not installed (pip install matplotlib): no plot"
     t = results["targets"]
     s = results["settings"]
-    names = [n for n in ("direct", "nginx", "minimal", "sidecar-off", "sidecar") if n in t]
+    names = [n for n in TARGET_ORDER if n in t]
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0][0]
     width = 0.8 / max(1, len(names))
@@ -1121,6 +1139,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         open_chunks=100,
         open_interval_ms=50,
         policy_duration=args.policy_duration,
+        policy_rounds=args.policy_rounds,
         **common,
     )
 
@@ -1159,8 +1178,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--open-streams", type=int, default=1000)
     parser.add_argument(
+        "--policy-rounds", type=int, default=3, help="interleaved rounds per policy-cost config"
+    )
+    parser.add_argument(
         "--targets",
-        default="direct,nginx,minimal,sidecar-off,sidecar",
+        default=",".join(TARGET_ORDER),
         help="comma-separated subset",
     )
     parser.add_argument("--no-policies", action="store_true", help="skip the per-policy runs")
@@ -1276,6 +1298,8 @@ def main(argv: list[str] | None = None) -> int:
                 target = start_nginx(ps, s, nginx, up_port)
             elif name == "minimal":
                 target = start_minimal(ps, s, up_port)
+            elif name == "floor":
+                target = start_floor(ps, s, up_port)
             elif name == "sidecar":
                 target = start_sidecar(ps, s, name, up_port, set(POLICIES))
             elif name == "sidecar-off":
@@ -1283,7 +1307,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"  unknown target {name!r}", file=sys.stderr)
                 continue
-            result = measure(ps, target, s, streaming=True, open_streams=name != "direct")
+            streams = name != "floor"
+            result = measure(
+                ps, target, s, streaming=streams, open_streams=streams and name != "direct"
+            )
             check_observability(target, result)
             results["targets"][name] = result
             if target.proc is not None:

@@ -30,7 +30,7 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
             str(ROOT / "bench" / "run.py"),
             "--quick",
             "--targets",
-            "direct,sidecar",
+            "direct,floor,sidecar",
             "--no-plot",
             "--out",
             str(tmp_path),
@@ -51,4 +51,6 @@ def test_quick_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert sidecar["open"]["streams_complete"] == sidecar["open"]["streams"]
     assert sidecar["rss_start_mb"] > 0
     assert sidecar["metrics_requests_total"] and sidecar["access_log_lines"] > 100
+    floor = results["targets"]["floor"]["wrk"]["8"]
+    assert floor["requests"] > 100 and floor["errors"] == 0, floor
     assert "| sidecar | 1 |" in (tmp_path / "latest.md").read_text()
