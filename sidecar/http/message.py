@@ -59,6 +59,10 @@ class Headers:
     def add(self, name: str, value: str) -> None:
         self._items.append((name, value))
 
+    def extend(self, fields: Iterable[tuple[str, str]]) -> None:
+        """Append fields (lower-case names) as they are."""
+        self._items.extend(fields)
+
     def remove(self, name: str) -> None:
         if name in self:
             self._items = [item for item in self._items if item[0] != name]

@@ -167,8 +167,7 @@ class AccountingStage:
             return ledger.watch(response)
 
         for lease in leases:
-            response.watch(done=lease.body_done)
-            exchange.on_finish(lease.exchange_done)  # idempotent; if the body is never closed
+            response.watch(done=lease.body_done)  # the body always ends or is closed
         return response
 
 

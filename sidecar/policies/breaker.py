@@ -72,11 +72,12 @@ class Permit:
     without either also frees its slot, since the breaker holds trials only weakly.
     """
 
-    __slots__ = ("_breaker", "_done", "__weakref__")
+    __slots__ = ("_breaker", "_done", "trial", "__weakref__")
 
-    def __init__(self, breaker: CircuitBreaker) -> None:
+    def __init__(self, breaker: CircuitBreaker, trial: bool = False) -> None:
         self._breaker = breaker
         self._done = False
+        self.trial = trial  # a half-open trial: only these are ever in the breaker's WeakSet
 
     def record(self, outcome: Outcome, retry_after_s: float | None = None) -> None:
         """Report the outcome; `retry_after_s` (from a 429/503) only matters for FAILURE."""
@@ -134,7 +135,7 @@ class CircuitBreaker:
             state is BreakerState.HALF_OPEN
             and len(self._trials) < self._settings.half_open_max_requests
         ):
-            permit = Permit(self)
+            permit = Permit(self, trial=True)
             self._trials.add(permit)
             return permit
         self.rejections += 1
@@ -208,9 +209,14 @@ class CircuitBreaker:
 
     def _record(self, permit: Permit, outcome: Outcome, retry_after_s: float | None) -> None:
         state = self.state
-        was_trial = permit in self._trials
-        self._trials.discard(permit)
+        was_trial = False
+        if permit.trial:  # WeakSet look-ups make a weakref each: only trials are in there
+            was_trial = permit in self._trials
+            self._trials.discard(permit)
         if not self._settings.enabled or outcome in (Outcome.NEUTRAL, Outcome.CANCELLED):
+            return
+        if state is BreakerState.CLOSED and outcome is Outcome.SUCCESS:
+            self._failures, self._backoff_until = 0, 0.0  # the common case: no clock needed
             return
         now = self._clock()
         backoff = 0.0
@@ -218,9 +224,6 @@ class CircuitBreaker:
             if math.isfinite(retry_after_s) and retry_after_s > 0:
                 backoff = now + retry_after_s
         if state is BreakerState.CLOSED:
-            if outcome is Outcome.SUCCESS:
-                self._failures, self._backoff_until = 0, 0.0
-                return
             self._failures += 1
             self._backoff_until = max(self._backoff_until, backoff)
             if self._failures >= self._settings.failure_threshold:
@@ -270,6 +273,8 @@ class CircuitBreaker:
 
 # The pipeline stage ------------------------------------------------------------------------------
 
+# Enum .name is a descriptor call; this runs on every attempt.
+_STATE_NAMES = {state: state.name.lower() for state in BreakerState}
 _MID_STREAM_FAILURES = frozenset({"upstream_reset", "upstream_timeout", "upstream_protocol"})
 
 
@@ -323,7 +328,7 @@ class BreakerStage:
             exchange.breaker = "rejected"
             self.upstream.events.emit(BreakerRejected(self.upstream.name))
             raise CircuitOpen(self.upstream.name, breaker.retry_after_s())
-        exchange.breaker = breaker.state.name.lower()
+        exchange.breaker = _STATE_NAMES[breaker.state]
         try:
             response = await call_next(exchange)
         except UpstreamError as exc:

@@ -49,6 +49,9 @@ class LimitStage:
             self.limiter = policies.limiter(f"upstream:{upstream.name}", limits)
         self.pacer = policies.pacer(upstream.name) if upstream.config.pacing else None
         self.max_wait_s = limits.max_wait_s if limits is not None else DEFAULT_PACING_WAIT_S
+        # Read once: the stage is rebuilt whenever the upstream's config changes.
+        self.queue_mode = limits is not None and limits.on_limit == "queue"
+        self.reserves_tokens = limits is not None and limits.tokens is not None
 
     async def __call__(self, exchange: Exchange, call_next: Handler) -> Response:
         limiter, pacer = self.limiter, self.pacer
@@ -57,14 +60,20 @@ class LimitStage:
         ledger: Ledger | None = exchange.attrs.get(LEDGER)
         if pacer is not None:
             tokens = ledger.tokens if ledger is not None and pacer.tracks_tokens else 0
-            refused = await self._pace(exchange, tokens)
-            if refused is not None:
-                return refused
+            # admit() counts the request when the provider has room (nearly always): only a
+            # request that must wait or be refused pays for the _pace() coroutine.
+            if pacer.admit(tokens) > 0:
+                refused = await self._pace(exchange, tokens)
+                if refused is not None:
+                    return refused
         lease: Lease | None = None
         if limiter is not None:
-            tokens = ledger.tokens if ledger is not None and limiter.settings.tokens else 0
+            tokens = ledger.tokens if ledger is not None and self.reserves_tokens else 0
             try:
-                lease = await take(limiter, tokens, self.events)
+                if self.queue_mode:
+                    lease = await take(limiter, tokens, self.events)
+                else:  # reject mode: synchronous, no coroutine for take()
+                    lease = limiter.try_acquire(tokens)
             except LimitExceeded as exc:
                 return refusal(exc, _api(exchange, self.upstream), self.events)
         try:
@@ -91,16 +100,21 @@ class LimitStage:
             lease.reconcile(0)  # providers do not bill refused requests
         elif ledger is not None:
             ledger.leases.append(lease)  # settled with the real usage at the end
-        show_limits(response.headers, (lease.headers,))
+        headers = response.headers
+        if _has_ratelimit(headers):
+            show_limits(headers, (lease.headers,))
+        else:
+            headers.extend(lease.headers.items())  # the common case: the upstream sends none
+        # Released when the body ends, fails or is closed: the listener closes every response
+        # it sends, and the dispatcher every one it discards.
         response.watch(done=lease.body_done)
-        exchange.on_finish(lease.exchange_done)  # idempotent; in case the body is never closed
         return response
 
     async def _pace(self, exchange: Exchange, tokens: int) -> Response | None:
-        """Wait until the provider should have room; a refusal if that is too far off."""
+        """Wait until the provider should have room; a refusal if that is too far off.
+
+        Called when ``admit()`` just said "not yet" (which counted nothing)."""
         assert self.pacer is not None
-        if self.pacer.admit(tokens) <= 0:
-            return None  # the common case: the provider has room (no loop look-up, no clock)
         loop = asyncio.get_running_loop()
         start = loop.time()
         deadline = start + self.max_wait_s
@@ -148,12 +162,10 @@ def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
     mine = [h for h in ours if h]
     if not mine:
         return
-    theirs = {name: value for name, value in headers.items() if name.startswith("x-ratelimit-")}
-    if not theirs and len(mine) == 1:  # the common case: one scope, an upstream that sends none
-        for name, value in mine[0].items():
-            if name.startswith("x-ratelimit-"):
-                headers.add(name, value)
+    if len(mine) == 1 and "retry-after" not in mine[0] and not _has_ratelimit(headers):
+        headers.extend(mine[0].items())  # the common case: one scope, none from upstream
         return
+    theirs = {name: value for name, value in headers.items() if name.startswith("x-ratelimit-")}
     try:
         merged = merge_headers([theirs, *mine])
     except ValueError:  # the upstream's values are not numbers: leave them alone
@@ -161,6 +173,13 @@ def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
     for name, value in merged.items():
         if name.startswith("x-ratelimit-") and theirs.get(name) != value:
             headers.set(name, value)
+
+
+def _has_ratelimit(headers: Headers) -> bool:
+    for name, _ in headers.items():
+        if name.startswith("x-ratelimit-"):
+            return True
+    return False
 
 
 def _api(exchange: Exchange, upstream: UpstreamRuntime) -> ApiStyle:

@@ -48,7 +48,7 @@ class TokenBucket:
     full and leaves it in debt, so an oversized request is delayed, never refused forever.
     """
 
-    __slots__ = ("_rate", "_capacity", "_level", "_last", "_clock")
+    __slots__ = ("_rate", "_capacity", "_level", "_last", "_clock", "capacity_text")
 
     def __init__(
         self, rate_per_s: float, capacity: float, *, clock: Clock = time.monotonic
@@ -56,6 +56,7 @@ class TokenBucket:
         _check(rate_per_s, capacity)
         self._rate = rate_per_s
         self._capacity = capacity
+        self.capacity_text = _number(capacity)  # x-ratelimit-limit-*, on every response
         self._level = capacity
         self._clock = clock
         self._last = clock()
@@ -83,6 +84,15 @@ class TokenBucket:
             return 0.0
         return (need - level) / self._rate
 
+    def has_room(self, amount: float) -> bool:
+        """Refill, then whether `amount` could be taken now (the admission fast path)."""
+        now = self._clock()
+        level = self._level
+        if now > self._last:
+            level = self._level = min(self._capacity, level + (now - self._last) * self._rate)
+            self._last = now
+        return level + _EPSILON >= (amount if amount < self._capacity else self._capacity)
+
     def try_take(self, amount: float) -> float:
         """Take `amount` and return 0.0, or return the seconds until it could be (nothing taken)."""
         wait = self.wait_s(amount)
@@ -109,6 +119,7 @@ class TokenBucket:
         self._refill()
         self._rate = rate_per_s
         self._capacity = capacity
+        self.capacity_text = _number(capacity)
         self._level = min(self._level, capacity)
 
     def snapshot(self) -> dict[str, object]:
@@ -183,10 +194,6 @@ class Lease:
         """The response body ended (see ``Response.watch``): free the slot."""
         self.release()
 
-    def exchange_done(self, exchange: object) -> None:
-        """The exchange ended (see ``Exchange.on_finish``): free the slot if still held."""
-        self.release()
-
     def cancel(self) -> None:
         """The request never went out: give back the request, the reservation and the slot."""
         if not self._released:
@@ -239,6 +246,8 @@ class Limiter:
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
+        if not self._waiters and self._fits(tokens):
+            return self._grant(tokens)  # the common case: room now, nobody queued
         if self._waiters:
             self._dispatch()
         if self._waiters:
@@ -325,15 +334,23 @@ class Limiter:
 
     def headers(self) -> dict[str, str]:
         """The x-ratelimit-* headers of the current state."""
+        for bucket in (self._requests, self._tokens):
+            if bucket is not None:
+                bucket.level  # noqa: B018 - refill up to now
+        return self._headers_as_is()
+
+    def _headers_as_is(self) -> dict[str, str]:
+        # Every granted request builds these right after charging its buckets (which refilled
+        # them): levels as they stand, constant names, no f-strings.
         out: dict[str, str] = {}
         for names, bucket in ((_REQUEST_HEADERS, self._requests), (_TOKEN_HEADERS, self._tokens)):
-            if bucket is not None:  # every granted request builds these: one refill, no f-strings
-                level = bucket.level
-                capacity = bucket.capacity
+            if bucket is not None:
+                level, capacity = bucket._level, bucket._capacity
                 limit, remaining, reset = names
-                out[limit] = _number(capacity)
-                out[remaining] = str(max(0, math.floor(level + _EPSILON)))
-                out[reset] = format_duration(max(0.0, (capacity - level) / bucket.rate_per_s))
+                out[limit] = bucket.capacity_text
+                left = level + _EPSILON
+                out[remaining] = str(int(left)) if left > 0 else "0"  # floor, 0 while in debt
+                out[reset] = format_duration((capacity - level) / bucket._rate)
         return out
 
     def __repr__(self) -> str:
@@ -358,6 +375,16 @@ class Limiter:
         bucket.reconfigure(rate, capacity)
         return bucket
 
+    def _fits(self, tokens: int) -> bool:
+        """Whether a request of `tokens` may go now (refills the buckets); see `_blocked`."""
+        limit = self._settings.max_in_flight
+        if limit is not None and self.in_flight >= limit:
+            return False
+        requests, token_bucket = self._requests, self._tokens
+        return (requests is None or requests.has_room(1)) and (
+            token_bucket is None or token_bucket.has_room(tokens)
+        )
+
     def _blocked(self, tokens: int) -> tuple[LimitName, float] | None:
         """What stops a request of `tokens` now and the bucket wait; None if it may go."""
         req_wait = self._requests.wait_s(1) if self._requests else 0.0
@@ -371,12 +398,14 @@ class Limiter:
         return None
 
     def _grant(self, tokens: int) -> Lease:
+        # Always called in the same synchronous step as `_fits`/`_blocked`, which just
+        # refilled the buckets: charge without another refill (and clock read).
         if self._requests is not None:
-            self._requests.charge(1)
+            self._requests._level -= 1
         if self._tokens is not None:
-            self._tokens.charge(tokens)
+            self._tokens._level -= tokens
         self.in_flight += 1
-        return Lease(self, tokens, self.headers())
+        return Lease(self, tokens, self._headers_as_is())
 
     def _wait_hint(self, tokens: int) -> float:
         blocked = self._blocked(tokens)
@@ -439,7 +468,8 @@ class Limiter:
 
     def _release_slot(self) -> None:
         self.in_flight = max(0, self.in_flight - 1)
-        self._dispatch()
+        if self._waiters or self._timer is not None:
+            self._dispatch()
 
 
 def merge_headers(all_headers: Iterable[Mapping[str, str]]) -> dict[str, str]:
