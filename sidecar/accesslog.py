@@ -27,7 +27,8 @@ def token_counts(tokens: object) -> dict[str, int] | None:
     """``{"prompt", "completion", "total"}`` from the exchange's tokens (a pair or a Usage)."""
     if tokens is None:
         return None
-    if isinstance(tokens, tuple | list) and len(tokens) == 2:
+    # A tuple of types, not `tuple | list`: that builds a union object on every call.
+    if isinstance(tokens, (tuple, list)) and len(tokens) == 2:  # noqa: UP038
         prompt, completion = tokens
     else:
         prompt = getattr(tokens, "prompt_tokens", None)
@@ -45,16 +46,17 @@ def request_fields(ex: Exchange, ts: float | None = None) -> dict[str, Any]:
     last attempt's upstream time (head sent to body read); ``overhead_ms`` the rest. ``ts``
     (Unix seconds), when given, leads the record.
     """
-    # Built as one literal with inline rounding: this runs for every request the access log
-    # sees, and helper calls and a second dict to put "ts" first cost a third of it.
+    # This runs for every request the access log sees: one dict literal, and milliseconds
+    # as int(µs) / 1000 (to the µs, truncated), since round(x, 3) is a correctly-rounded
+    # decimal conversion that cost more than the rest of the record (measured in callgrind).
     finished = ex.finished or ex.started
     total = finished - ex.started
     upstream_ms = overhead_ms = None
     if ex.upstream_started is not None:
         upstream_s = (ex.upstream_ended or finished) - ex.upstream_started
-        upstream_ms = round(upstream_s * 1000, 3)
-        overhead_ms = round(max(0.0, total - upstream_s) * 1000, 3)
-    ttfb, ttft = ex.ttfb, ex.ttft
+        upstream_ms = int(upstream_s * 1e6) / 1000
+        overhead_ms = int(max(0.0, total - upstream_s) * 1e6) / 1000
+    ttfb, ttft, tokens = ex.ttfb, ex.ttft, ex.tokens
     route, upstream = ex.route, ex.upstream
     request = ex.request
     return {
@@ -72,13 +74,17 @@ def request_fields(ex: Exchange, ts: float | None = None) -> dict[str, Any]:
         "attempts": ex.attempts,
         "breaker": ex.breaker,
         "cache": ex.cache,
-        "tokens": token_counts(ex.tokens) if ex.tokens is not None else None,
+        "tokens": (
+            {"prompt": tokens[0], "completion": tokens[1], "total": tokens[0] + tokens[1]}
+            if type(tokens) is tuple  # what accounting sets: (prompt, completion) ints
+            else token_counts(tokens)
+        ),
         "cost_usd": ex.cost_usd,
         "bytes_in": len(request.body),
         "bytes_out": ex.bytes_out,
-        "duration_ms": round(total * 1000, 3),
-        "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
-        "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+        "duration_ms": int(total * 1e6) / 1000,
+        "ttfb_ms": None if ttfb is None else int(ttfb * 1e6) / 1000,
+        "ttft_ms": None if ttft is None else int(ttft * 1e6) / 1000,
         "upstream_ms": upstream_ms,
         "overhead_ms": overhead_ms,
         "client_gone": ex.client_gone,
@@ -96,7 +102,8 @@ class AccessLog:
     def _on_request(self, event: RequestFinished) -> None:
         if not self.enabled:
             return
-        self._lines.append(orjson.dumps(request_fields(event.exchange, round(time.time(), 3))))
+        ts = int(time.time() * 1000) / 1000  # ms, truncated (see request_fields)
+        self._lines.append(orjson.dumps(request_fields(event.exchange, ts)))
         if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif self._timer is None:
