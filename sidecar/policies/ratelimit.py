@@ -329,6 +329,8 @@ class Limiter:
             None if settings.tokens is None else settings.tokens.rate_per_s,
             None if settings.tokens is None else settings.tokens.capacity,
         )
+        pairs = ((_REQUEST_HEADERS, self._requests), (_TOKEN_HEADERS, self._tokens))
+        self._header_buckets = [(names, bucket) for names, bucket in pairs if bucket is not None]
         if self._waiters:
             self._dispatch()
 
@@ -343,14 +345,14 @@ class Limiter:
         # Every granted request builds these right after charging its buckets (which refilled
         # them): levels as they stand, constant names, no f-strings.
         out: dict[str, str] = {}
-        for names, bucket in ((_REQUEST_HEADERS, self._requests), (_TOKEN_HEADERS, self._tokens)):
-            if bucket is not None:
-                level, capacity = bucket._level, bucket._capacity
-                limit, remaining, reset = names
-                out[limit] = bucket.capacity_text
-                left = level + _EPSILON
-                out[remaining] = str(int(left)) if left > 0 else "0"  # floor, 0 while in debt
-                out[reset] = format_duration((capacity - level) / bucket._rate)
+        for (limit, remaining, reset), bucket in self._header_buckets:
+            level, capacity = bucket._level, bucket._capacity
+            out[limit] = bucket.capacity_text
+            left = level + _EPSILON
+            out[remaining] = str(int(left)) if left > 0 else "0"  # floor, 0 while in debt
+            wait = (capacity - level) / bucket._rate
+            ms = math.ceil(wait * 1000 - 1e-6)  # as format_duration, inline for < 1 s
+            out[reset] = f"{ms}ms" if 0 < ms < 1000 else format_duration(wait)
         return out
 
     def __repr__(self) -> str:
