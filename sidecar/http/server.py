@@ -366,7 +366,8 @@ class ClientConnection:
                 raise
             if chunked:
                 writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                await writer.drain()  # else the kernel took it all: no coroutine to wait on
         finally:
             await response.aclose()
         if close:

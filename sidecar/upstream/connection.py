@@ -19,6 +19,7 @@ from sidecar.http.message import BodyWatchers
 from sidecar.upstream.errors import UpstreamError
 
 READ_SIZE = 65536
+DRAIN_ABOVE = 64 * 1024  # unsent bytes in the transport before send() waits for the socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +122,18 @@ class UpstreamConnection:
         self._status, self._reason, self._headers, self._chunks = 0, "", [], []
         self._headers_done = self._complete = self._keep_alive = False
         self._head_only = head_only
+        writer = self.writer
         try:
             if body and len(body) < 16384:
-                self.writer.write(head + body)
+                writer.write(head + body)
             else:
-                self.writer.write(head)
+                writer.write(head)
                 if body:
-                    self.writer.write(body)
-            await self.writer.drain()
+                    writer.write(body)
+            # drain() (two coroutines) only when the kernel did not take it all: a broken
+            # connection is then seen by read_head(), which the forwarder retries like any reset.
+            if writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                await writer.drain()
         except OSError as exc:
             raise UpstreamError(
                 "reset", f"upstream connection failed while sending: {exc}"

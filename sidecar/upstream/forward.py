@@ -48,7 +48,10 @@ class Forwarder:
         total_deadline = exchange.started + timeouts.total_s
         head_only = request.method == "HEAD"
         for _ in range(3):  # stale keep-alive connections are retried on a fresh one
-            conn, reused = await pool.acquire()
+            conn = pool.try_reuse()
+            reused = conn is not None
+            if conn is None:
+                conn, reused = await pool.acquire()
             try:
                 await conn.send(head, payload, head_only=head_only)
                 status, reason, raw_headers = await conn.read_head(first_byte_deadline)

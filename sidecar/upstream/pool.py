@@ -86,6 +86,13 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    def try_reuse(self) -> UpstreamConnection | None:
+        """An idle keep-alive connection, taken for one exchange, or None: the synchronous
+        fast path of :meth:`acquire` (no coroutine when the pool is warm)."""
+        if self._closed:
+            return None
+        return self._take_idle()
+
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it was reused from the idle list."""
         if self._closed:
