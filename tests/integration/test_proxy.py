@@ -213,6 +213,23 @@ async def test_idle_gap_timeout_cuts_a_stalled_stream(make_sidecar, fake):
     assert b"upstream_timeout" in received
 
 
+async def test_a_stream_longer_than_idle_s_with_regular_chunks_is_not_cut(make_sidecar, fake):
+    # The read timer is re-armed lazily: a stream whose whole length is many idle_s but whose
+    # gaps are each shorter must pass untouched, and the connection must be reusable after.
+    sidecar = await make_sidecar(base_config(fake.url, timeouts={"idle_s": 0.3}))
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(
+                proxy_url(sidecar) + "/openai/v1/chat/completions",
+                json={"model": "m", "stream": True, "messages": []},
+                headers={"x-fake-chunks": "12", "x-fake-chunk-interval-ms": "100"},
+            ) as response:
+                assert response.status == 200
+                body = await response.read()
+            assert body.count(b"data: ") == 13  # 12 chunks and [DONE]
+            assert b"upstream_timeout" not in body
+
+
 async def test_connect_error_gives_502(make_sidecar):
     from tests.conftest import free_port
 
