@@ -157,6 +157,10 @@ class StreamUsageScanner:
         return Usage(self._prompt or 0, self._completion or 0)
 
     def feed(self, chunk: bytes) -> None:
+        if self._split.at_boundary() and chunk.endswith(b"\n\n") and not _mentions_usage(chunk):
+            # Whole records, none with a usage count: nothing to read and nothing to carry
+            # over, so skip splitting it line by line (most chunks of a stream, one event each).
+            return
         for _raw, payload, _ in self._split.feed(chunk):
             if payload is not None:
                 self._payload(payload)
@@ -168,7 +172,7 @@ class StreamUsageScanner:
             self._payload(payload)
 
     def _payload(self, payload: bytes) -> None:
-        if b"usage" not in payload:
+        if not _mentions_usage(payload):
             return
         obj = _loads(payload)
         if not isinstance(obj, dict):
@@ -289,6 +293,10 @@ class _SseSplitter:
         self._overflow = False  # the current record was flushed unparsed
         self._midline = False  # ... in the middle of a line
 
+    def at_boundary(self) -> bool:
+        """Nothing held: the next byte starts a new record (no partial line or CR pending)."""
+        return not self._buf and not self._cr and not self._midline and not self._overflow
+
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes | None, bool]]:
         out: list[tuple[bytes, bytes | None, bool]] = []
         if self._cr:
@@ -347,6 +355,13 @@ class _SseSplitter:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _mentions_usage(data: bytes) -> bool:
+    """Whether `data` may hold a usage count: "usage" other than OpenAI's per-chunk
+    ``"usage":null`` (every chunk of a stream that asked for usage carries one)."""
+    mentions = data.count(b"usage")
+    return mentions > data.count(b'"usage":null') + data.count(b'"usage": null')
 
 
 def _loads(body: bytes) -> object:

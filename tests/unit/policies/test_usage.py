@@ -302,6 +302,20 @@ def test_scanner_openai_include_usage_split_anywhere(eol: bytes, size: int) -> N
     assert scanner.usage == Usage(12, 34)
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_scanner_one_record_per_chunk_skips_null_usage_and_reads_the_count(eol: bytes) -> None:
+    # One event per chunk, as upstreams write them: chunks with "usage": null are skipped
+    # whole, the usage record is read, whichever serialisation of null the upstream uses.
+    null_spaced = b'data: {"choices": [{"delta": {"content": "x"}}], "usage": null}' + eol * 2
+    records = [*sse(chat_chunk("Hel"), chat_chunk("lo"), eol=eol), null_spaced]
+    records += sse(USAGE_CHUNK, b"[DONE]", eol=eol)
+    scanner = StreamUsageScanner()
+    for record in records:
+        scanner.feed(record)
+    scanner.close()
+    assert scanner.usage == Usage(12, 34)
+
+
 def test_scanner_without_usage_reports_none() -> None:
     scanner = StreamUsageScanner()
     scanner.feed(b"".join(sse(chat_chunk("a"), b"[DONE]")))
