@@ -5,7 +5,8 @@ retries and fallbacks; it never changes a byte. For a streamed (``text/event-str
 response it records the time to first token (``exchange.ttft``: request received to the first
 body chunk, the moment a token can reach the client); when the audit log asks for bodies it
 keeps the first :data:`CAPTURE_BYTES` of the response in ``exchange.attrs["response_body"]``.
-Responses that need neither pass through unwrapped, so a plain JSON request pays nothing.
+Both are a body tap (``Response.watch``), not a wrapper, so a stream pays no extra async layer
+per chunk, and a response that needs neither is not touched at all.
 When no policy has named the request's model, it reads it from the body (LLM calls only), so
 metrics, the access log and the audit trail always say which model was asked for.
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from sidecar.events import UpstreamAttempted
@@ -51,7 +51,7 @@ class ObserveStage:
         ).startswith("text/event-stream")
         capture = _wants_bodies(exchange)
         if stream or capture:
-            response.body = ObservedBody(response.body, exchange, stream, capture)
+            response.watch(tap=BodyObserver(exchange, stream, capture).feed)
         return response
 
 
@@ -69,31 +69,20 @@ def _wants_bodies(exchange: Exchange) -> bool:
     return bool(audit.path and audit.include_bodies)
 
 
-class ObservedBody:
-    """A body iterator that notes the first chunk's time and keeps a bounded copy.
+class BodyObserver:
+    """Notes the first chunk's time and keeps a bounded copy, as a body tap (no wrapper)."""
 
-    A class, not an async generator, so that ``aclose()`` reaches the upstream body (and frees
-    its connection) even when iteration never started.
-    """
+    __slots__ = ("_exchange", "_stream", "_parts", "_room")
 
-    __slots__ = ("_inner", "_exchange", "_stream", "_parts", "_room")
-
-    def __init__(
-        self, inner: AsyncIterator[bytes], exchange: Exchange, stream: bool, capture: bool
-    ) -> None:
-        self._inner = inner
+    def __init__(self, exchange: Exchange, stream: bool, capture: bool) -> None:
         self._exchange = exchange
         self._stream = stream
         self._parts: list[bytes] | None = [] if capture else None
         self._room = CAPTURE_BYTES
 
-    def __aiter__(self) -> ObservedBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self._inner.__anext__()
+    def feed(self, chunk: bytes) -> None:
         if not chunk:
-            return chunk
+            return
         exchange = self._exchange
         if self._stream and exchange.ttft is None:
             exchange.ttft = time.monotonic() - exchange.started
@@ -106,12 +95,6 @@ class ObservedBody:
                 exchange.attrs["response_body"] = parts
             if len(kept) < len(chunk):
                 exchange.attrs["response_truncated"] = True
-        return chunk
-
-    async def aclose(self) -> None:
-        close = getattr(self._inner, "aclose", None)
-        if close is not None:
-            await close()
 
 
 class AttemptStage:
