@@ -50,6 +50,13 @@ class Headers:
                 return True
         return False
 
+    def has_prefix(self, prefix: str | tuple[str, ...]) -> bool:
+        """Whether any field name starts with ``prefix`` (or one of several)."""
+        for key, _ in self._items:
+            if key.startswith(prefix):
+                return True
+        return False
+
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (appended if absent)."""
         if name in self:

@@ -101,7 +101,7 @@ class LimitStage:
         elif ledger is not None:
             ledger.leases.append(lease)  # settled with the real usage at the end
         headers = response.headers
-        if _has_ratelimit(headers):
+        if headers.has_prefix("x-ratelimit-"):
             show_limits(headers, (lease.headers,))
         else:
             headers.extend(lease.headers.items())  # the common case: the upstream sends none
@@ -162,7 +162,7 @@ def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
     mine = [h for h in ours if h]
     if not mine:
         return
-    if len(mine) == 1 and "retry-after" not in mine[0] and not _has_ratelimit(headers):
+    if len(mine) == 1 and "retry-after" not in mine[0] and not headers.has_prefix("x-ratelimit-"):
         headers.extend(mine[0].items())  # the common case: one scope, none from upstream
         return
     theirs = {name: value for name, value in headers.items() if name.startswith("x-ratelimit-")}
@@ -173,13 +173,6 @@ def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
     for name, value in merged.items():
         if name.startswith("x-ratelimit-") and theirs.get(name) != value:
             headers.set(name, value)
-
-
-def _has_ratelimit(headers: Headers) -> bool:
-    for name, _ in headers.items():
-        if name.startswith("x-ratelimit-"):
-            return True
-    return False
 
 
 def _api(exchange: Exchange, upstream: UpstreamRuntime) -> ApiStyle:

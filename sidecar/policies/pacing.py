@@ -88,7 +88,7 @@ class ProviderPacer:
 
     def observe(self, status: int, headers: Headers) -> None:
         """Read a response head's rate-limit headers (and Retry-After on a 429)."""
-        if status != 429 and not _reports_limits(headers):
+        if status != 429 and not headers.has_prefix(_REPORT_PREFIXES):
             return  # most responses (and every non-LLM one) report nothing: one scan, no clock
         now = self._clock()
         for resource in ("requests", "tokens"):
@@ -178,13 +178,6 @@ class ProviderPacer:
         if when.tzinfo is None:
             return None
         return when.timestamp() - self._wall()
-
-
-def _reports_limits(headers: Headers) -> bool:
-    for name, _ in headers.items():  # a loop, not any(<genexpr>): this runs on every response
-        if name.startswith(_REPORT_PREFIXES):
-            return True
-    return False
 
 
 def parse_duration(value: str | None) -> float | None:
