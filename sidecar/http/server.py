@@ -22,6 +22,7 @@ import httptools
 from sidecar.config.model import Http
 from sidecar.http.message import Headers, Request, Response
 from sidecar.replies import local_reply
+from sidecar.timers import LazyDeadline
 
 log = logging.getLogger("sidecar.http")
 
@@ -81,9 +82,8 @@ class ClientConnection:
         self.busy = False
         self.closed = False
         self._wakeup: asyncio.Future[object] | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._idle_since = 0.0
         self._loop = asyncio.get_running_loop()
+        self._idle = LazyDeadline(self._loop, self._on_idle)
         self._room: asyncio.Event = asyncio.Event()
         self._room.set()
         self._task: asyncio.Task[None] | None = None
@@ -223,12 +223,11 @@ class ClientConnection:
             if self.closed:
                 return None
             wakeup = self._wakeup = self._loop.create_future()
-            self._idle_since = time.monotonic()
-            if self._idle_timer is None:
-                self._idle_timer = self._loop.call_later(self.limits.client_idle_s, self._on_idle)
+            self._idle.start(time.monotonic() + self.limits.client_idle_s)
             try:
                 await wakeup
             finally:
+                self._idle.stop()
                 self._wakeup = None
             if wakeup.result() is _IDLE and not self.pending:
                 return None
@@ -238,22 +237,10 @@ class ClientConnection:
         return item
 
     def _on_idle(self) -> None:
-        """The idle timer: close a connection idle for ``client_idle_s``, else re-arm.
-
-        One lazy timer per connection instead of one armed and cancelled per request: a
-        keep-alive connection answering thousands of requests a second arms one timer per
-        ``client_idle_s``. A firing finds the connection waiting (re-armed for the time left,
-        or closed), or busy (dropped; the next wait arms a new one).
-        """
-        self._idle_timer = None
+        """Idle for ``client_idle_s`` while waiting for a request: close the connection."""
         wakeup = self._wakeup
-        if wakeup is None or wakeup.done():
-            return
-        left = self._idle_since + self.limits.client_idle_s - time.monotonic()
-        if left <= 0:
+        if wakeup is not None and not wakeup.done():
             wakeup.set_result(_IDLE)
-        else:
-            self._idle_timer = self._loop.call_later(left, self._on_idle)
 
     # answering ---------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -283,9 +270,7 @@ class ClientConnection:
             pass
         finally:
             read_task.cancel()
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-                self._idle_timer = None
+            self._idle.cancel()
             self.writer.close()
 
     async def write_response(

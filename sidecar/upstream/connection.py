@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import httptools
 
 from sidecar.http.message import BodyWatchers
+from sidecar.timers import LazyDeadline
 from sidecar.upstream.errors import UpstreamError
 
 READ_SIZE = 65536
@@ -56,10 +57,7 @@ class UpstreamConnection:
         "_keep_alive",
         "_loop",
         "_expired",
-        "_deadline",
-        "_timer",
-        "_timer_at",
-        "_reading",
+        "_read_deadline",
     )
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -78,10 +76,7 @@ class UpstreamConnection:
         self._keep_alive = False
         self._loop = asyncio.get_running_loop()
         self._expired = False
-        self._deadline = 0.0  # of the read in progress (time.monotonic())
-        self._timer: asyncio.TimerHandle | None = None  # one lazy timer, see _read()
-        self._timer_at = 0.0
-        self._reading = False
+        self._read_deadline = LazyDeadline(self._loop, self._expire)
 
     def __repr__(self) -> str:
         peer = self.writer.get_extra_info("peername")
@@ -92,9 +87,7 @@ class UpstreamConnection:
         return not self.reader.at_eof() and not self.writer.is_closing()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._read_deadline.cancel()
         self.writer.close()
 
     # httptools callbacks -------------------------------------------------------------------
@@ -183,19 +176,12 @@ class UpstreamConnection:
 
         A timer that aborts the connection is cheaper than ``asyncio.timeout`` on every read
         (no task cancellation, no extra loop look-ups), and a timed-out connection is
-        discarded anyway. The timer is lazy: armed once and re-armed when it fires early,
-        rather than armed and cancelled around every read (every body chunk of a stream).
+        discarded anyway. The timer is lazy (:class:`~sidecar.timers.LazyDeadline`), not one
+        armed and cancelled around every read (every body chunk of a stream).
         """
-        delay = deadline - time.monotonic()
-        if delay <= 0:
+        if deadline <= time.monotonic():
             raise UpstreamError("timeout", f"upstream timed out {during}", response_started=started)
-        self._deadline = deadline
-        if self._timer is None or self._timer_at > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self._loop.call_later(delay, self._on_timer)
-            self._timer_at = deadline
-        self._reading = True
+        self._read_deadline.start(deadline)
         try:
             data = await self.reader.read(READ_SIZE)
         except OSError as exc:
@@ -208,22 +194,10 @@ class UpstreamConnection:
                     response_started=started,
                 ) from exc
         finally:
-            self._reading = False
+            self._read_deadline.stop()
         if self._expired:
             raise UpstreamError("timeout", f"upstream timed out {during}", response_started=started)
         return data
-
-    def _on_timer(self) -> None:
-        """The read timer fired: abort a read past its deadline, re-arm for one that is not."""
-        self._timer = None
-        if not self._reading:
-            return  # idle in the pool, or between reads: the next read arms a timer
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            self._expire()
-        else:
-            self._timer = self._loop.call_later(left, self._on_timer)
-            self._timer_at = self._deadline
 
     def _expire(self) -> None:
         self._expired = True
