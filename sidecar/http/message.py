@@ -59,8 +59,7 @@ class Headers:
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (appended if absent)."""
-        if name in self:
-            self._items = [item for item in self._items if item[0] != name]
+        self.remove(name)
         self._items.append((name, value))
 
     def add(self, name: str, value: str) -> None:

@@ -15,7 +15,7 @@ are shared with the route tier, which applies the route and tenant scopes the sa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from sidecar.events import EventBus, LimitRejected, QueueWaited
@@ -100,11 +100,7 @@ class LimitStage:
             lease.reconcile(0)  # providers do not bill refused requests
         elif ledger is not None:
             ledger.leases.append(lease)  # settled with the real usage at the end
-        headers = response.headers
-        if headers.has_prefix("x-ratelimit-"):
-            show_limits(headers, (lease.headers,))
-        else:
-            headers.extend(lease.headers.items())  # the common case: the upstream sends none
+        show_limits(response.headers, (lease.headers,))
         # Released when the body ends, fails or is closed: the listener closes every response
         # it sends, and the dispatcher every one it discards.
         response.watch(done=lease.body_done)
@@ -157,13 +153,16 @@ def refusal(exc: LimitExceeded, api: ApiStyle, events: EventBus) -> Response:
     )
 
 
-def show_limits(headers: Headers, ours: Iterable[Mapping[str, str]]) -> None:
-    """Set x-ratelimit-* to the tightest of the response's own and our scopes', per resource."""
+def show_limits(headers: Headers, ours: Sequence[Mapping[str, str]]) -> None:
+    """Set x-ratelimit-* to the tightest of the response's own and our scopes', per resource.
+
+    ``ours``: the leases' headers, which hold x-ratelimit-* fields only.
+    """
+    if len(ours) == 1 and not headers.has_prefix("x-ratelimit-"):
+        headers.extend(ours[0].items())  # the common case: one scope, none from upstream
+        return
     mine = [h for h in ours if h]
     if not mine:
-        return
-    if len(mine) == 1 and "retry-after" not in mine[0] and not headers.has_prefix("x-ratelimit-"):
-        headers.extend(mine[0].items())  # the common case: one scope, none from upstream
         return
     theirs = {name: value for name, value in headers.items() if name.startswith("x-ratelimit-")}
     try:

@@ -182,7 +182,8 @@ class Lease:
         """Settle the reservation with the real token count; only the first call counts."""
         if not self._reconciled:
             self._reconciled = True
-            self._limiter._adjust_tokens(self.tokens - max(0, actual_tokens))
+            if self._limiter._tokens is not None:  # a requests-only limit has nothing to settle
+                self._limiter._adjust_tokens(self.tokens - max(0, actual_tokens))
 
     def release(self) -> None:
         """Free the in-flight slot (and wake waiters)."""
