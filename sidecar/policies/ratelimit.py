@@ -247,8 +247,6 @@ class Limiter:
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, got {tokens}")
-        if not self._waiters and self._fits(tokens):
-            return self._grant(tokens)  # the common case: room now, nobody queued
         if self._waiters:
             self._dispatch()
         if self._waiters:
@@ -337,9 +335,8 @@ class Limiter:
 
     def headers(self) -> dict[str, str]:
         """The x-ratelimit-* headers of the current state."""
-        for bucket in (self._requests, self._tokens):
-            if bucket is not None:
-                bucket.level  # noqa: B018 - refill up to now
+        for _, bucket in self._header_buckets:
+            bucket._refill()
         return self._headers_as_is()
 
     def _headers_as_is(self) -> dict[str, str]:
@@ -378,31 +375,29 @@ class Limiter:
         bucket.reconfigure(rate, capacity)
         return bucket
 
-    def _fits(self, tokens: int) -> bool:
-        """Whether a request of `tokens` may go now (refills the buckets); see `_blocked`."""
-        limit = self._settings.max_in_flight
-        if limit is not None and self.in_flight >= limit:
-            return False
-        requests, token_bucket = self._requests, self._tokens
-        return (requests is None or requests.has_room(1)) and (
-            token_bucket is None or token_bucket.has_room(tokens)
-        )
-
     def _blocked(self, tokens: int) -> tuple[LimitName, float] | None:
-        """What stops a request of `tokens` now and the bucket wait; None if it may go."""
-        req_wait = self._requests.wait_s(1) if self._requests else 0.0
-        tok_wait = self._tokens.wait_s(tokens) if self._tokens else 0.0
-        wait = max(req_wait, tok_wait)
+        """What stops a request of `tokens` now and the bucket wait; None if it may go.
+
+        Refills the buckets. The answer "go" (nearly every request) costs one refill per
+        bucket; waits are computed only for a bucket that has no room.
+        """
         limit = self._settings.max_in_flight
-        if limit is not None and self.in_flight >= limit:
+        full = limit is not None and self.in_flight >= limit
+        requests, token_bucket = self._requests, self._tokens
+        req_room = requests is None or requests.has_room(1)
+        tok_room = token_bucket is None or token_bucket.has_room(tokens)
+        if req_room and tok_room and not full:
+            return None
+        req_wait = 0.0 if requests is None or req_room else requests.wait_s(1)
+        tok_wait = 0.0 if token_bucket is None or tok_room else token_bucket.wait_s(tokens)
+        wait = max(req_wait, tok_wait)
+        if full:
             return "in_flight", wait
-        if wait > 0:
-            return ("tokens" if tok_wait >= req_wait else "requests"), wait
-        return None
+        return ("tokens" if tok_wait >= req_wait else "requests"), wait
 
     def _grant(self, tokens: int) -> Lease:
-        # Always called in the same synchronous step as `_fits`/`_blocked`, which just
-        # refilled the buckets: charge without another refill (and clock read).
+        # Always called in the same synchronous step as `_blocked`, which just refilled the
+        # buckets: charge without another refill (and clock read).
         if self._requests is not None:
             self._requests._level -= 1
         if self._tokens is not None:
