@@ -14,13 +14,14 @@ and fallbacks. Per request it:
    with the real token count, refunding the unused reservation or charging the overrun, prices
    the usage, spends it from the tenant's budget and reports it (:class:`UsageRecorded`).
 
-Usage is read for every LLM API call (paths ending in :data:`LLM_PATHS`), so the access log,
-``llm_sidecar_tokens_total`` and the GenAI token metrics see it without any limit configured
-(a few microseconds: one wrapper per body, one parse of a JSON body's copy or of each SSE record
-that mentions usage), and for any other path when a token limit, price or budget needs it. The
-token estimate (:func:`~sidecar.policies.usage.estimate_tokens`, a JSON parse of the request) is
-made only when a token bucket, a price, a budget or include_usage needs it. A body that is not
-JSON is never refused for it: it reserves no tokens and is charged what the response reports.
+Usage is read for every LLM API call (a path :func:`~sidecar.genai.operation_of` names), so
+the access log, ``llm_sidecar_tokens_total`` and the GenAI token metrics see it without any
+limit configured (a few microseconds: taps on the body, one parse of a JSON body's copy or of
+each SSE record with a usage count), and for any other path when a token limit, price or
+budget needs it. The token estimate (:func:`~sidecar.policies.usage.estimate_tokens`, a JSON
+parse of the request) is made only when a token bucket, a price, a budget or include_usage
+needs it. A body that is not JSON is never refused for it: it reserves no tokens and is
+charged what the response reports.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.events import BudgetUpdated, EventBus, LimitRejected, UsageRecorded
 from sidecar.exchange import Exchange
+from sidecar.genai import operation_of
 from sidecar.http.message import Response
 from sidecar.policies.budget import BudgetExceeded, BudgetTracker
 from sidecar.policies.limits import LEDGER, refusal, show_limits, take
@@ -58,7 +60,6 @@ if TYPE_CHECKING:
     from sidecar.runtime import RouteRuntime
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a larger JSON response is passed on without reading usage
-LLM_PATHS = ("/chat/completions", "/completions", "/messages", "/responses", "/embeddings")
 _DECODABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
@@ -112,7 +113,7 @@ class AccountingStage:
             self.always_usage
             or budget is not None
             or (tenant_limiter is not None and tenant_limiter.settings.tokens is not None)
-            or exchange.upstream_path.partition("?")[0].rstrip("/").endswith(LLM_PATHS)
+            or operation_of(exchange.upstream_path.partition("?")[0]) is not None
         )
         if not needs_usage and tenant_limiter is None and self.limiter is None:
             return _note_refusal(exchange, await call_next(exchange))
