@@ -74,11 +74,7 @@ def request_fields(ex: Exchange, ts: float | None = None) -> dict[str, Any]:
         "attempts": ex.attempts,
         "breaker": ex.breaker,
         "cache": ex.cache,
-        "tokens": (
-            {"prompt": tokens[0], "completion": tokens[1], "total": tokens[0] + tokens[1]}
-            if type(tokens) is tuple  # what accounting sets: (prompt, completion) ints
-            else token_counts(tokens)
-        ),
+        "tokens": token_counts(tokens) if tokens is not None else None,
         "cost_usd": ex.cost_usd,
         "bytes_in": len(request.body),
         "bytes_out": ex.bytes_out,
